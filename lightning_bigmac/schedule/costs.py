@@ -1,0 +1,127 @@
+"""Op durations and activation sizes: what the simulator and the knob search are fed.
+
+Three sources, one type:
+
+* constants (``CostModel()`` gives unit LLM forwards, backwards twice as long as forwards);
+* per-microbatch arrays, e.g. from the balancer's cost model, where encoder work follows the
+  image count and LLM work the packed sequence length;
+* a profile written by the runtime (``bigmac-profile/1``): measured durations of every op of a
+  real step, used verbatim for the ops it covers and averaged per kind for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .plan import EB, EF, MODULE_OF_KIND, B, F, G, Op
+
+__all__ = ["PROFILE_FORMAT", "CostModel", "PerMicrobatch"]
+
+PerMicrobatch = float | Sequence[float]
+"""A value for every microbatch (a scalar applies to all of them)."""
+
+PROFILE_FORMAT = "bigmac-profile/1"
+
+_KIND_FIELD = {EF: "encoder_forward", EB: "encoder_backward", F: "llm_forward", B: "llm_backward", G: "generator"}
+_BYTES_FIELD = {"encoder": "encoder_bytes", "llm": "llm_bytes", "generator": "generator_bytes"}
+
+
+def _at(value: PerMicrobatch | None, j: int) -> float | None:
+    if value is None or isinstance(value, (int, float)):
+        return value
+    return float(value[j])
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostModel:
+    """Durations (any time unit; seconds when loaded from a profile) and activation sizes."""
+
+    encoder_forward: PerMicrobatch = 1.0
+    """Encoder forward of one microbatch on its owner."""
+    encoder_backward: PerMicrobatch = 2.0
+    """Encoder backward of one microbatch (gradient from stage 0 to the encoder weights)."""
+    llm_forward: PerMicrobatch = 1.0
+    """Forward of ONE LLM chunk (one stage, 1/(pp*vpp) of the layers) for one microbatch."""
+    llm_backward: PerMicrobatch = 2.0
+    """Backward of one LLM chunk for one microbatch."""
+    generator: PerMicrobatch = 3.0
+    """Generator forward + loss + backward of one microbatch, back to back."""
+    latency: float = 0.0
+    """Time from the end of an op to the start of its consumer on another rank (the transfer)."""
+    encoder_bytes: PerMicrobatch | None = None
+    """Encoder activations saved for backward per microbatch; None: report peaks in microbatches only."""
+    llm_bytes: PerMicrobatch | None = None
+    """LLM activations saved for backward per microbatch per chunk."""
+    generator_bytes: PerMicrobatch | None = None
+    """Generator activations per microbatch (alive only during its G op)."""
+    measured: Mapping[str, float] = field(default_factory=dict)
+    """Exact durations from a profile, keyed ``"<rank>:<op>"`` for LLM ops and ``"<op>"`` otherwise."""
+
+    def duration(self, rank: int, op: Op) -> float:
+        """How long ``op`` takes on ``rank``."""
+        key = f"{rank}:{op}" if op.kind in (F, B) else str(op)
+        got = self.measured.get(key)
+        if got is not None:
+            return got
+        return _at(getattr(self, _KIND_FIELD[op.kind]), op.microbatch)
+
+    def activation_bytes(self, op: Op) -> float | None:
+        """Bytes of activations that ``op``'s module keeps for microbatch ``op.microbatch``."""
+        return _at(getattr(self, _BYTES_FIELD[MODULE_OF_KIND[op.kind]]), op.microbatch)
+
+    @property
+    def has_bytes(self) -> bool:
+        return any(getattr(self, f) is not None for f in _BYTES_FIELD.values())
+
+    def check_length(self, microbatches: int) -> None:
+        """Raise ``ValueError`` if a per-microbatch array is shorter than the step."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Sequence) and len(value) < microbatches:
+                raise ValueError(
+                    f"CostModel.{f.name} has {len(value)} values but the plan has {microbatches} "
+                    "microbatches: give one value per microbatch or a scalar"
+                )
+
+    # ---- files ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CostModel:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown cost field(s) {unknown}; known: {sorted(names)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+
+    @classmethod
+    def from_profile(cls, data: Mapping[str, Any]) -> CostModel:
+        """Costs from a runtime profile: every op's measured duration, per-kind means as fallback.
+
+        The transfer latency is the profile's own ``latency`` entry (0 when it has none).
+        """
+        if data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"not a {PROFILE_FORMAT} file (format={data.get('format')!r})")
+        measured: dict[str, float] = {}
+        per_kind: dict[str, list[float]] = {}
+        for ev in data["events"]:
+            op = Op.parse(ev["op"])
+            d = float(ev["end"]) - float(ev["start"])
+            measured[f"{ev['rank']}:{op}" if op.kind in (F, B) else str(op)] = d
+            per_kind.setdefault(op.kind, []).append(d)
+        means = {_KIND_FIELD[k]: statistics.fmean(v) for k, v in per_kind.items()}
+        return cls(**means, latency=float(data.get("latency", 0.0)), measured=measured)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        """Read a cost file (the fields of this class as JSON) or a runtime profile."""
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, dict) and "events" in data:
+            return cls.from_profile(data)
+        return cls.from_dict(data)

@@ -1,0 +1,214 @@
+"""Ops and plans: one optimizer step of a pipeline schedule as plain, immutable data.
+
+Every layer reads the same objects: builders write a :class:`Plan`, the validator proves it,
+the simulator times it, the pictures draw it and the runtime replays it. The string form of an
+op is the project's lingua franca (logs, JSON, error grids, profiler ranges):
+
+=============  ===========================================================================
+``F<c>.<j>``   LLM forward of this rank's chunk ``c`` for microbatch ``j``
+``B<c>.<j>``   LLM backward of this rank's chunk ``c`` for microbatch ``j``
+``EF.<j>``     encoder forward of microbatch ``j`` (on the rank that owns ``j``'s encoder work)
+``EB.<j>``     encoder backward of microbatch ``j``
+``G.<j>``      generator forward, loss and backward of microbatch ``j``, back to back
+=============  ===========================================================================
+
+LLM ops name a chunk, not a stage: chunk ``c`` on rank ``r`` is stage ``c * pp + r``, so the
+same string appears once on every rank. Encoder and generator ops appear once per step, on
+their owner's list.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = [
+    "B",
+    "EB",
+    "EF",
+    "F",
+    "G",
+    "LLM_KINDS",
+    "MODULE_OF_KIND",
+    "MODULES",
+    "Op",
+    "Plan",
+    "PlanFormatError",
+]
+
+F, B, EF, EB, G = "F", "B", "EF", "EB", "G"
+LLM_KINDS = frozenset({F, B})
+MODULES = ("encoder", "llm", "generator")
+MODULE_OF_KIND = {F: "llm", B: "llm", EF: "encoder", EB: "encoder", G: "generator"}
+
+_OP_RE = re.compile(r"^(?:(?P<llm>[FB])(?P<chunk>\d+)|(?P<mod>EF|EB|G))\.(?P<mb>\d+)$")
+
+FORMAT_VERSION = 1
+
+
+class PlanFormatError(ValueError):
+    """A plan or op could not be read: the text names the offending value and the expected form."""
+
+
+class Op(NamedTuple):
+    """One unit of work on one rank. A named tuple so that plans of ~10k ops hash and compare fast."""
+
+    kind: str
+    microbatch: int
+    chunk: int = -1  # only LLM ops (F, B) have a chunk
+
+    def __str__(self) -> str:
+        if self.kind in LLM_KINDS:
+            return f"{self.kind}{self.chunk}.{self.microbatch}"
+        return f"{self.kind}.{self.microbatch}"
+
+    @property
+    def module(self) -> str:
+        """``"encoder"``, ``"llm"`` or ``"generator"``: whose activations this op creates or frees."""
+        return MODULE_OF_KIND[self.kind]
+
+    @classmethod
+    def parse(cls, text: str) -> Op:
+        """Read the string form (``F1.12``, ``EF.3``, ...) back; raises :class:`PlanFormatError`."""
+        m = _OP_RE.match(text.strip())
+        if m is None:
+            raise PlanFormatError(
+                f"cannot read op {text!r}: expected F<chunk>.<mb>, B<chunk>.<mb>, EF.<mb>, EB.<mb> or G.<mb>"
+            )
+        if m["llm"]:
+            return cls(m["llm"], int(m["mb"]), int(m["chunk"]))
+        return cls(m["mod"], int(m["mb"]))
+
+
+def _ops(items: Iterable[Op | str]) -> tuple[Op, ...]:
+    return tuple(o if isinstance(o, Op) else Op.parse(o) for o in items)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-rank ordered op lists for one optimizer step of one pipeline (the "global operator table").
+
+    ``encoder`` / ``generator`` say whether the step has work for those modules; they are explicit
+    so that a plan that lost all its ``EF`` ops is reported as incomplete rather than read as a
+    text-only step. ``knobs`` records how a builder chose its free parameters (for bigmac: the
+    warm encoder groups and the per-rank LLM warm-up extension); it is informational.
+    """
+
+    schedule: str
+    pp: int
+    vpp: int
+    microbatches: int
+    ranks: tuple[tuple[Op, ...], ...]
+    encoder: bool = True
+    generator: bool = True
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ranks", tuple(_ops(r) for r in self.ranks))
+        if len(self.ranks) != self.pp:
+            raise PlanFormatError(f"plan has {len(self.ranks)} rank lists but pp={self.pp}")
+
+    # ---- derived views -------------------------------------------------------------------
+    def owners(self, module: str) -> list[int | None]:
+        """Rank that runs each microbatch's ``encoder`` or ``generator`` work (None if absent)."""
+        kind = {"encoder": EF, "generator": G}[module]
+        owner: list[int | None] = [None] * self.microbatches
+        for rank, ops in enumerate(self.ranks):
+            for op in ops:
+                if op.kind == kind and 0 <= op.microbatch < self.microbatches:
+                    owner[op.microbatch] = rank
+        return owner
+
+    def warmup_forwards(self) -> list[int]:
+        """LLM forwards each rank runs before its first LLM backward (the paper's warm-up depth)."""
+        counts = []
+        for ops in self.ranks:
+            n = 0
+            for op in ops:
+                if op.kind == B:
+                    break
+                n += op.kind == F
+            counts.append(n)
+        return counts
+
+    def num_ops(self) -> int:
+        return sum(len(r) for r in self.ranks)
+
+    # ---- text ------------------------------------------------------------------------------
+    def table(self, max_ops: int | None = None) -> str:
+        """One row per rank, ops in program order, like the transcript of the paper's figure.
+
+        Encoder and generator ops are bracketed (``[EF.4]``) as the transcript brackets columns.
+        ``max_ops`` elides the middle of long rows, keeping the start and the end of the step.
+        """
+        cells = [[f"[{o}]" if o.kind not in LLM_KINDS else str(o) for o in ops] for ops in self.ranks]
+        if max_ops is not None:
+            half = max(1, max_ops // 2)
+            cells = [c if len(c) <= max_ops else [*c[:half], "...", *c[-half:]] for c in cells]
+        width = max((len(x) for row in cells for x in row), default=1)
+        lines = [f"PP{r}: " + " ".join(x.ljust(width) for x in row).rstrip() for r, row in enumerate(cells)]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.schedule} plan: pp={self.pp} vpp={self.vpp} microbatches={self.microbatches} "
+            f"encoder={self.encoder} generator={self.generator}"
+        )
+        return head + "\n" + self.table(max_ops=48)
+
+    # ---- JSON exchange format ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "schedule": self.schedule,
+            "pp": self.pp,
+            "vpp": self.vpp,
+            "microbatches": self.microbatches,
+            "encoder": self.encoder,
+            "generator": self.generator,
+            "knobs": dict(self.knobs),
+            "ranks": [[str(o) for o in ops] for ops in self.ranks],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Read the exchange format; ``encoder``/``generator`` default to whether such ops appear."""
+        missing = [k for k in ("schedule", "pp", "vpp", "microbatches", "ranks") if k not in data]
+        if missing:
+            raise PlanFormatError(f"plan JSON lacks key(s) {missing}; see docs/plan-format.md")
+        ranks = [_ops(r) for r in data["ranks"]]
+        kinds = {o.kind for r in ranks for o in r}
+        return cls(
+            schedule=str(data["schedule"]),
+            pp=int(data["pp"]),
+            vpp=int(data["vpp"]),
+            microbatches=int(data["microbatches"]),
+            ranks=tuple(ranks),
+            encoder=bool(data.get("encoder", bool(kinds & {EF, EB}))),
+            generator=bool(data.get("generator", G in kinds)),
+            knobs=dict(data.get("knobs", {})),
+        )
+
+    def to_json(self, **extra: Any) -> str:
+        """JSON text; ``extra`` keys (e.g. ``simulation``) are added at the top level."""
+        return json.dumps({**self.to_dict(), **extra}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanFormatError(f"plan file is not JSON: {err}") from err
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        Path(path).write_text(self.to_json(**extra))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_json(Path(path).read_text())
+

@@ -1,0 +1,133 @@
+"""Prove a plan complete and deadlock-free before anything runs it.
+
+A plan is *complete* when every op of the step appears exactly once, on a legal rank, and the
+encoder work of a microbatch (forward and backward) stays on one rank. It is *deadlock-free*
+when the graph of program order on each rank plus the data dependencies of
+:mod:`~lightning_bigmac.schedule.dataflow` is acyclic: then any op durations give a valid
+execution, provided sends do not block the sender (the runtime's sends are asynchronous).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from graphlib import CycleError, TopologicalSorter
+
+from .dataflow import DataFlow, PlacedOp
+from .plan import EB, EF, LLM_KINDS, B, F, G, Op, Plan
+
+__all__ = ["PlanError", "render_grid", "validate"]
+
+
+class PlanError(ValueError):
+    """A plan is incomplete or would deadlock. ``ops`` are the placed ops at fault."""
+
+    def __init__(self, message: str, plan: Plan, ops: Iterable[PlacedOp] = ()):
+        self.ops = tuple(ops)
+        self.grid = render_grid(plan, self.ops) if self.ops else ""
+        super().__init__(message + ("\n" + self.grid if self.grid else ""))
+
+
+def render_grid(plan: Plan, marked: Iterable[PlacedOp], context: int = 6) -> str:
+    """Rank-by-step grid around the marked ops, each marked one written ``>op<``.
+
+    Only the steps near a marked op are shown so that a 10k-op plan still gives a short message.
+    """
+    marked = set(marked)
+    steps = {(r, i) for r, ops in enumerate(plan.ranks) for i, op in enumerate(ops) if (r, op) in marked}
+    if not steps:
+        return ""
+    lo = max(0, min(i for _, i in steps) - context)
+    hi = max(i for _, i in steps) + context + 1
+    if hi - lo > 60:  # marks far apart: keep a window around each rank's first mark only
+        hi = lo + 60
+    lines = [f"steps {lo}..{hi - 1} (>op< marks the ops at fault):"]
+    for r, ops in enumerate(plan.ranks):
+        cells = [(f">{op}<" if (r, i) in steps else str(op)) for i, op in enumerate(ops[lo:hi], start=lo)]
+        lines.append(f"  PP{r}: " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _expected_ops(plan: Plan) -> list[tuple[int, Op]]:
+    """Every op of the step; encoder and generator ops with rank -1 (any owner will do)."""
+    ops: list[tuple[int, Op]] = []
+    for j in range(plan.microbatches):
+        if plan.encoder:
+            ops += [(-1, Op(EF, j)), (-1, Op(EB, j))]
+        if plan.generator:
+            ops.append((-1, Op(G, j)))
+        ops += [(r, Op(k, j, c)) for r in range(plan.pp) for c in range(plan.vpp) for k in (F, B)]
+    return ops
+
+
+def _check_complete(plan: Plan) -> None:
+    seen: dict[tuple[int, Op], tuple[int, int]] = {}
+    for r, ops in enumerate(plan.ranks):
+        for step, op in enumerate(ops):
+            where = f"rank {r} step {step}"
+            problem = None
+            if not 0 <= op.microbatch < plan.microbatches:
+                problem = f"microbatch {op.microbatch} outside 0..{plan.microbatches - 1}"
+            elif op.kind in LLM_KINDS and not 0 <= op.chunk < plan.vpp:
+                problem = f"chunk {op.chunk} outside 0..{plan.vpp - 1}"
+            elif op.module == "encoder" and not plan.encoder:
+                problem = "the plan says encoder=False"
+            elif op.module == "generator" and not plan.generator:
+                problem = "the plan says generator=False"
+            if problem:
+                raise PlanError(f"{op} on {where}: {problem}", plan, [(r, op)])
+            key = (r, op) if op.kind in LLM_KINDS else (-1, op)
+            if key in seen:
+                r0, s0 = seen[key]
+                raise PlanError(
+                    f"duplicate op {op}: on rank {r0} step {s0} and again on {where}", plan, [(r, op)]
+                )
+            seen[key] = (r, step)
+    missing = [p for p in _expected_ops(plan) if p not in seen]
+    if missing:
+        shown = ", ".join(f"{op}" + (f" on rank {r}" if r >= 0 else "") for r, op in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise PlanError(f"incomplete plan: missing {shown}{more}", plan)
+    for j in range(plan.microbatches if plan.encoder else 0):
+        (ef, _), (eb, _) = seen[(-1, Op(EF, j))], seen[(-1, Op(EB, j))]
+        if ef != eb:
+            raise PlanError(
+                f"EB.{j} is on rank {eb} but EF.{j} on rank {ef}: a microbatch's encoder forward and "
+                "backward must run on the same rank (its owner)",
+                plan,
+                [(ef, Op(EF, j)), (eb, Op(EB, j))],
+            )
+
+
+def validate(plan: Plan) -> DataFlow:
+    """Raise :class:`PlanError` unless ``plan`` is complete and deadlock-free; return its data flow.
+
+    The error names the missing or duplicated op, or the ops on a dependency cycle, and shows the
+    rank-by-step grid with those ops marked.
+    """
+    if plan.pp < 1 or plan.vpp < 1 or plan.microbatches < 1:
+        raise PlanError(f"pp, vpp and microbatches must be >= 1, got {plan.pp}, {plan.vpp}, {plan.microbatches}", plan)
+    _check_complete(plan)
+    flow = DataFlow.of_plan(plan)
+
+    graph: dict[PlacedOp, list[PlacedOp]] = {}
+    for r, ops in enumerate(plan.ranks):
+        prev = None
+        for op in ops:
+            preds = list(flow.producers(r, op))
+            if prev is not None:
+                preds.append((r, prev))
+            graph[(r, op)] = preds
+            prev = op
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as err:
+        cycle: list[PlacedOp] = err.args[1]
+        # graphlib lists the cycle as a chain of predecessors; print it in execution order.
+        chain = " -> ".join(f"{op}@PP{r}" for r, op in reversed(cycle))
+        raise PlanError(
+            f"deadlock: these ops wait on each other in a cycle (program order on a rank, or data "
+            f"flow between ranks): {chain}",
+            plan,
+            cycle,
+        ) from None
+    return flow
