@@ -71,14 +71,15 @@ class ScheduleConfig:
             lo = max(self.pp, self.microbatches // self.pp * self.pp)
             raise ValueError(
                 f"microbatches={self.microbatches} is not a multiple of pp={self.pp}: schedule "
-                f"{self.schedule!r} (vpp={self.vpp}) runs microbatches in groups of pp; use {lo} or {lo + self.pp}"
+                f"{self.schedule!r} (vpp={self.vpp}) runs microbatches in groups of pp; "
+                f"use {lo} or {lo + self.pp}"
             )
         if self.schedule not in _NESTED:
             for name, default in (("owners", None), ("encoder_warmup", None), ("llm_warmup", "auto")):
                 if getattr(self, name) != default:
                     raise ValueError(
-                        f"{name} applies to the 'ideal' and 'bigmac' schedules, not {self.schedule!r}: "
-                        f"{self.schedule!r} runs the encoder inside stage 0 and the generator inside the last stage"
+                        f"{name} applies to the 'ideal' and 'bigmac' schedules, not {self.schedule!r}, "
+                        "which runs the encoder inside stage 0 and the generator inside the last stage"
                     )
         if self.owners is not None:
             check_owner_map(self.owners, self.microbatches, self.pp)
@@ -90,7 +91,9 @@ class ScheduleConfig:
         w = self.llm_warmup
         if isinstance(w, str):
             if w not in ("auto", "minimal", "group"):
-                raise ValueError(f"llm_warmup={w!r}: use 'auto', 'minimal', 'group', an int or one int per rank")
+                raise ValueError(
+                    f"llm_warmup={w!r}: use 'auto', 'minimal', 'group', an int or one int per rank"
+                )
         elif isinstance(w, int):
             if w < 0:
                 raise ValueError(f"llm_warmup={w} must be >= 0")

@@ -27,7 +27,13 @@ PerMicrobatch = float | Sequence[float]
 
 PROFILE_FORMAT = "bigmac-profile/1"
 
-_KIND_FIELD = {EF: "encoder_forward", EB: "encoder_backward", F: "llm_forward", B: "llm_backward", G: "generator"}
+_KIND_FIELD = {
+    EF: "encoder_forward",
+    EB: "encoder_backward",
+    F: "llm_forward",
+    B: "llm_backward",
+    G: "generator",
+}
 _BYTES_FIELD = {"encoder": "encoder_bytes", "llm": "llm_bytes", "generator": "generator_bytes"}
 
 

@@ -130,7 +130,9 @@ def check_owner_map(owners: Sequence[int], microbatches: int, pp: int) -> tuple[
     """Validate a user owner map: one owner per microbatch, a permutation of ranks within each group."""
     owners = tuple(int(o) for o in owners)
     if len(owners) != microbatches:
-        raise ValueError(f"owners has {len(owners)} entries but microbatches={microbatches}: give one rank per microbatch")
+        raise ValueError(
+            f"owners has {len(owners)} entries but microbatches={microbatches}: give one rank per microbatch"
+        )
     for g in range(microbatches // pp):
         group = owners[g * pp : (g + 1) * pp]
         if sorted(group) != list(range(pp)):

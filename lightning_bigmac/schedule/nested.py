@@ -83,8 +83,11 @@ class _Search:
         self.cfg, self.owners, self.costs = cfg, tuple(owners), costs
         probe_groups = min(cfg.groups, cfg.vpp + 4)
         self.probe = replace(cfg, microbatches=probe_groups * cfg.pp, owners=None, encoder_warmup=None)
+        self._full: dict[tuple[tuple[int, ...], int | None], list[list[Interval]]] = {}
 
-    def run(self, ext: Sequence[int], warm: int | None, cfg: ScheduleConfig | None = None) -> list[list[Interval]]:
+    def run(
+        self, ext: Sequence[int], warm: int | None, cfg: ScheduleConfig | None = None
+    ) -> list[list[Interval]]:
         """Event-replay one candidate; ``warm=None`` means ideal (all EF first, all EB last)."""
         cfg = cfg or self.cfg
         p, groups, owners = cfg.pp, cfg.groups, self.owners[: cfg.microbatches]
@@ -92,7 +95,11 @@ class _Search:
         static = []
         for r in range(p):
             mine = [j for j in range(cfg.microbatches) if owners[j] == r]
-            head = [Op(EF, j) for j in mine if j // p < (groups if warm is None else warm)] if cfg.encoder else []
+            head = (
+                [Op(EF, j) for j in mine if j // p < (groups if warm is None else warm)]
+                if cfg.encoder
+                else []
+            )
             tail = [Op(EB, j) for j in mine] if cfg.encoder and warm is None else []
             static.append(head + one_f_one_b_order(r, p, cfg.vpp, cfg.microbatches, ext[r]) + tail)
         return replay(static, flow, self.costs, _Columns(cfg, owners, warm))
@@ -104,16 +111,25 @@ class _Search:
             return False
         return True
 
+    def full(self, ext: Sequence[int], warm: int | None) -> list[list[Interval]]:
+        """The full-size replay of a candidate the probe called safe (cached: the search revisits)."""
+        key = (tuple(ext), warm)
+        if key not in self._full:
+            try:
+                self._full[key] = self.run(ext, warm)
+            except Deadlock as err:  # the probe said safe: the probe is too short for this config
+                raise AssertionError(
+                    f"knob search accepted a deadlocking candidate for {self.cfg}: {err}"
+                ) from err
+        return self._full[key]
+
     def makespan(self, ext: Sequence[int], warm: int | None) -> float:
         """Step time of the built candidate, an upper bound on :func:`simulate`'s for its plan."""
-        return max(iv.end for row in self.run(ext, warm) for iv in row)
+        return max(iv.end for row in self.full(ext, warm) for iv in row)
 
     def plan(self, ext: Sequence[int], warm: int | None, **knobs) -> Plan:
         cfg = self.cfg
-        try:
-            rows = self.run(ext, warm)
-        except Deadlock as err:  # the probe said safe: the probe is too short for this config
-            raise AssertionError(f"knob search accepted a deadlocking candidate for {cfg}: {err}") from err
+        rows = self.full(ext, warm)
         knobs = {"llm_warmup": list(ext), "encoder_warmup": cfg.groups if warm is None else warm, **knobs}
         ranks = tuple(tuple(iv.op for iv in row) for row in rows)
         return Plan(cfg.schedule, cfg.pp, cfg.vpp, cfg.microbatches, ranks, cfg.encoder, cfg.generator, knobs)
@@ -200,7 +216,8 @@ def build_nested(cfg: ScheduleConfig, costs: CostModel) -> Plan:
     best = search.makespan(ext, groups)
     if best > target:
         target, rule = 1.02 * best, "within 2% of the best candidate (ideal is out of reach)"
-    w = _smallest(w_safe, groups, lambda w: search.makespan(ext, w) <= target)
+    fits = lambda w: search.makespan(ext, w) <= target  # noqa: E731
+    w = w_safe if fits(w_safe) else _smallest(w_safe + 1, groups, fits)  # the smallest safe W usually fits
     return search.plan(ext, w, encoder_warmup_safe=w_safe, rule=rule)
 
 

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = [
-    "B",
     "EB",
     "EF",
+    "LLM_KINDS",
+    "MODULES",
+    "MODULE_OF_KIND",
+    "B",
     "F",
     "G",
-    "LLM_KINDS",
-    "MODULE_OF_KIND",
-    "MODULES",
     "Op",
     "Plan",
     "PlanFormatError",
@@ -211,4 +211,3 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return cls.from_json(Path(path).read_text())
-

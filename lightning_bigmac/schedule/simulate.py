@@ -9,7 +9,7 @@ rank run one after another, the peaks depend only on each rank's op order, not o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from .costs import CostModel
@@ -45,9 +45,9 @@ def lower_bound(plan: Plan, costs: CostModel) -> float:
 class Simulation:
     """What a plan does under a cost model. Times are in the cost model's unit."""
 
-    plan: Plan
-    costs: CostModel
-    intervals: tuple[tuple[Interval, ...], ...]
+    plan: Plan = field(repr=False)
+    costs: CostModel = field(repr=False)
+    intervals: tuple[tuple[Interval, ...], ...] = field(repr=False)
     """Per rank, every op's run in program order."""
 
     @cached_property

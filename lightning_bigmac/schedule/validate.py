@@ -79,7 +79,9 @@ def _check_complete(plan: Plan) -> None:
             if key in seen:
                 r0, s0 = seen[key]
                 raise PlanError(
-                    f"duplicate op {op}: on rank {r0} step {s0} and again on {where}", plan, [(r, op)]
+                    f"duplicate op {op}: on rank {r0} step {s0} and again on {where}",
+                    plan,
+                    [(r0, op), (r, op)],
                 )
             seen[key] = (r, step)
     missing = [p for p in _expected_ops(plan) if p not in seen]
@@ -105,7 +107,9 @@ def validate(plan: Plan) -> DataFlow:
     rank-by-step grid with those ops marked.
     """
     if plan.pp < 1 or plan.vpp < 1 or plan.microbatches < 1:
-        raise PlanError(f"pp, vpp and microbatches must be >= 1, got {plan.pp}, {plan.vpp}, {plan.microbatches}", plan)
+        raise PlanError(
+            f"pp, vpp and microbatches must be >= 1, got {plan.pp}, {plan.vpp}, {plan.microbatches}", plan
+        )
     _check_complete(plan)
     flow = DataFlow.of_plan(plan)
 

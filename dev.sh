@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One entry point for people and CI: creates/reuses .venv, then runs a task.
+#   ./dev.sh main    the main job (see README)
+#   ./dev.sh test    lint + the whole test suite
+# The CPU build of torch is installed first and pinned, so pip never pulls a multi-GB CUDA wheel.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
+
+if [ ! -f "$STAMP" ]; then
+  echo "[dev.sh] preparing $VENV (first run takes a few minutes)" >&2
+  [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
+  $VENV/bin/python -m pip install -q --upgrade pip
+  $VENV/bin/python -m pip install -q "torch==2.13.0"
+  $VENV/bin/python -m pip install -q -e ".[dev]" "torch==2.13.0"
+  rm -f $VENV/.installed-* && touch "$STAMP"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+
+case "${1:-}" in
+  main)
+    shift
+    out=runs/paper-schedule
+    mkdir -p $out
+    bigmac plan --schedule bigmac --pp 4 --vpp 2 --microbatches 64 --encoder-warmup 3 --llm-warmup group \
+      --png $out/gantt.png --memory-png $out/memory.png --json $out/plan.json "$@"
+    ;;
+  test)
+    shift
+    ruff check .
+    ruff format --check lightning_bigmac balancer tests benchmarks
+    pytest "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh main|test [extra args]" >&2
+    exit 2
+    ;;
+esac
