@@ -35,12 +35,13 @@ def main() -> None:
         t3 = time.perf_counter()
         for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0), strict=True):
             phases[name].append(dt)
-    print(f"bigmac pp={args.pp} vpp={args.vpp} microbatches={args.microbatches}: {plan.num_ops()} ops, "
-          f"knobs {plan.knobs['encoder_warmup']=}, step time {sim.step_time:.0f} (unit costs)")  # fmt: skip
+    print(
+        f"bigmac pp={args.pp} vpp={args.vpp} microbatches={args.microbatches}: {plan.num_ops()} ops, "
+        f"W={plan.knobs['encoder_warmup']}, step time {sim.step_time:.0f} (unit costs)"
+    )
     for name, values in phases.items():
-        print(
-            f"  {name:<22} median {statistics.median(values):7.3f} s   (min {min(values):.3f}, {args.repeats} runs)"
-        )
+        med = statistics.median(values)
+        print(f"  {name:<22} median {med:7.3f} s   (min {min(values):.3f}, {args.repeats} runs)")
     print(json.dumps({"seconds": round(statistics.median(phases["total"]), 4)}))
 
 

@@ -60,7 +60,7 @@ def test_explicit_owner_map_is_honoured():
 @pytest.mark.parametrize(
     ("fields", "match"),
     [
-        ({"schedule": "zigzag"}, "unknown schedule 'zigzag'; choose one of gpipe, 1f1b"),
+        ({"schedule": "zigzag"}, r"unknown schedule 'zigzag'; choose one of gpipe, 1f1b"),
         ({"schedule": "1f1b", "vpp": 2}, "use 'interleaved'"),
         ({"schedule": "interleaved", "vpp": 1}, "needs vpp >= 2"),
         ({"microbatches": 10}, "microbatches=10 is not a multiple of pp=4.*use 8 or 12"),
@@ -81,7 +81,7 @@ def test_bad_configs_name_the_field_and_the_fix(fields, match):
 
 
 def test_unsafe_user_knobs_name_the_smallest_safe_value():
-    with pytest.raises(ValueError, match="encoder_warmup=2 deadlocks.*smallest safe value is 3"):
+    with pytest.raises(ValueError, match=r"encoder_warmup=2 deadlocks.*smallest safe value is 3"):
         build_plan("bigmac", pp=4, vpp=2, microbatches=32, encoder_warmup=2)
     with pytest.raises(
         ValueError, match=r"llm_warmup=1.*deadlocks.*smallest safe extension is \[0, 0, 1, 3\]"

@@ -13,7 +13,8 @@ def test_plan_command_reports_and_writes_json_and_pictures(tmp_path, capsys):
     rc = main([
         "plan", "--schedule", "bigmac", "--pp", "4", "--vpp", "2", "--microbatches", "64",
         "--encoder-warmup", "3", "--llm-warmup", "group",
-        "--json", str(out / "plan.json"), "--png", str(out / "gantt.png"), "--memory-png", str(out / "mem.png"),
+        "--json", str(out / "plan.json"), "--png", str(out / "gantt.png"),
+        "--memory-png", str(out / "mem.png"),
     ])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out

@@ -67,7 +67,8 @@ def test_megatron_is_slower_than_bigmac_when_the_encoder_is_a_fifth_of_the_work(
     ratio = megatron.step_time / bigmac.step_time
     with capsys.disabled():
         print(
-            f"\n  encoder share {share:.0%}, pp={pp} vpp={vpp} M={m}: megatron / bigmac step time = {ratio:.3f}"
+            f"\n  encoder share {share:.0%}, pp={pp} vpp={vpp} M={m}: "
+            f"megatron / bigmac step time = {ratio:.3f}"
         )
     assert ratio > 1.0
 

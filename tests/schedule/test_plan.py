@@ -20,7 +20,7 @@ def test_op_fields_and_module():
 
 @pytest.mark.parametrize("bad", ["F.3", "X1.2", "EF3", "G.-1", "F0.1.2", ""])
 def test_bad_op_strings_are_rejected_with_the_expected_form(bad):
-    with pytest.raises(PlanFormatError, match="expected F<chunk>.<mb>"):
+    with pytest.raises(PlanFormatError, match=r"expected F<chunk>\.<mb>"):
         Op.parse(bad)
 
 

@@ -1,5 +1,6 @@
 """The simulator: hand-checked timelines, lower bound, live activations, costs and profiles."""
 
+import itertools
 import json
 
 import pytest
@@ -145,5 +146,5 @@ def test_random_plans_are_complete_valid_and_no_faster_than_the_bound(case):
     assert Plan.from_json(plan.to_json()) == plan
     # ops on one rank never overlap in time and follow program order
     for row in sim.intervals:
-        for a, b in zip(row, row[1:]):
+        for a, b in itertools.pairwise(row):
             assert a.end <= b.start + 1e-9
