@@ -41,7 +41,7 @@ class ScheduleConfig:
     llm_warmup: str | int | Sequence[int] = "auto"
     """bigmac/ideal: extra LLM forwards per rank before 1F1B's steady phase. ``"minimal"``: the
     smallest per-rank extension that is deadlock-free; ``"group"``: ``pp`` on every rank (the
-    paper's figure); ``"auto"``: for ideal ``"group"``, for bigmac the smallest extension, equal
+    paper's figure); ``"auto"``: for ideal ``"group"`` with a generator and 0 without, for bigmac the smallest extension, equal
     on every rank, that is deadlock-free and keeps the step within 2% of ideal; an int for every
     rank, or one int per rank."""
     owners: Sequence[int] | None = None

@@ -70,6 +70,11 @@ def _extension(cfg: ScheduleConfig, spec: str | int | Sequence[int]) -> list[int
     return [int(x) for x in spec]
 
 
+def _ideal_extension(cfg: ScheduleConfig) -> list[int]:
+    """ideal's automatic warm-up: one group of look-ahead for the generator columns, none without."""
+    return [cfg.pp if cfg.generator else 0] * cfg.pp
+
+
 class _Search:
     """Replays candidates of one config. Deadlock checks run on a probe of a few groups.
 
@@ -167,7 +172,7 @@ def _minimal_extension(search: _Search) -> list[int]:
 def build_nested(cfg: ScheduleConfig, costs: CostModel) -> Plan:
     """Build ``ideal`` or ``bigmac`` for ``cfg``, choosing the knobs the user left free.
 
-    ``ideal`` warms the LLM up by one group (``"auto"``). bigmac's ``"auto"`` warm-up is the
+    ``ideal`` warms the LLM up by one group when there is a generator (``"auto"``). bigmac's ``"auto"`` warm-up is the
     smallest extension, equal on every rank, that is deadlock-free and keeps the step within 2%
     of ideal (with every encoder group warm); its automatic W is then the smallest deadlock-free
     W within 2% of ideal. Where ideal is out of reach the target becomes 2% of the best
@@ -177,12 +182,12 @@ def build_nested(cfg: ScheduleConfig, costs: CostModel) -> Plan:
     search, groups, p = _Search(cfg, owners, costs), cfg.groups, cfg.pp
     spec = cfg.llm_warmup
     if cfg.schedule == "ideal":
-        ext = _extension(cfg, "group" if spec == "auto" else spec)
+        ext = _ideal_extension(cfg) if spec == "auto" else _extension(cfg, spec)
         if spec not in ("auto", "minimal") and not search.safe(ext, None):
             raise _unsafe_extension(cfg, ext, _minimal_extension(search))
         return search.plan(_minimal_extension(search) if spec == "minimal" else ext, None)
 
-    ideal = simulate(search.plan(_extension(cfg, "group"), None), costs, check=False).step_time
+    ideal = simulate(search.plan(_ideal_extension(cfg), None), costs, check=False).step_time
     rule = "within 2% of ideal"
     if spec == "auto":
         if not cfg.generator:
