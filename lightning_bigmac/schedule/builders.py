@@ -6,12 +6,21 @@ from typing import Any
 
 from .config import ScheduleConfig
 from .costs import CostModel
+from .dataflow import default_owners
 from .nested import build_nested
 from .orders import gpipe_order, one_f_one_b_order
 from .plan import EB, EF, B, F, G, Op, Plan
 from .validate import validate
 
 __all__ = ["build_plan"]
+
+
+def _llm_order(cfg: ScheduleConfig, rank: int) -> list[Op]:
+    if cfg.forward_only:  # nothing is kept for a backward: run the forwards chunk by chunk
+        return [op for op in gpipe_order(cfg.pp, cfg.vpp, cfg.microbatches) if op.kind == F]
+    if cfg.schedule == "gpipe":
+        return gpipe_order(cfg.pp, cfg.vpp, cfg.microbatches)
+    return one_f_one_b_order(rank, cfg.pp, cfg.vpp, cfg.microbatches)
 
 
 def _embedded(cfg: ScheduleConfig) -> Plan:
@@ -21,12 +30,11 @@ def _embedded(cfg: ScheduleConfig) -> Plan:
     before stage 0's forward of ``j``, ``EB.j`` right after its backward, and ``G.j`` right after
     the last stage's forward of ``j``.
     """
-    p, v, m = cfg.pp, cfg.vpp, cfg.microbatches
+    p, v = cfg.pp, cfg.vpp
     ranks = []
     for r in range(p):
-        llm = gpipe_order(p, v, m) if cfg.schedule == "gpipe" else one_f_one_b_order(r, p, v, m)
         ops: list[Op] = []
-        for op in llm:
+        for op in _llm_order(cfg, r):
             if cfg.encoder and r == 0 and op.kind == F and op.chunk == 0:
                 ops.append(Op(EF, op.microbatch))
             ops.append(op)
@@ -35,7 +43,27 @@ def _embedded(cfg: ScheduleConfig) -> Plan:
             if cfg.generator and r == p - 1 and op.kind == F and op.chunk == v - 1:
                 ops.append(Op(G, op.microbatch))
         ranks.append(tuple(ops))
-    return Plan(cfg.schedule, p, v, m, tuple(ranks), cfg.encoder, cfg.generator)
+    return _plan(cfg, ranks)
+
+
+def _nested_forward_only(cfg: ScheduleConfig) -> Plan:
+    """Evaluation with data-parallel encoder and generator: each owner runs its encoder forwards
+    first and its generator losses last; in between the rank runs its LLM forwards."""
+    owners = cfg.owners if cfg.owners is not None else default_owners(cfg.microbatches, cfg.pp)
+    ranks = []
+    for r in range(cfg.pp):
+        mine = [j for j in range(cfg.microbatches) if owners[j] == r]
+        head = [Op(EF, j) for j in mine] if cfg.encoder else []
+        tail = [Op(G, j) for j in mine] if cfg.generator else []
+        ranks.append((*head, *_llm_order(cfg, r), *tail))
+    return _plan(cfg, ranks)
+
+
+def _plan(cfg: ScheduleConfig, ranks: list) -> Plan:
+    return Plan(
+        cfg.schedule, cfg.pp, cfg.vpp, cfg.microbatches, tuple(ranks), cfg.encoder, cfg.generator,
+        forward_only=cfg.forward_only,
+    )  # fmt: skip
 
 
 def build_plan(
@@ -50,6 +78,10 @@ def build_plan(
     cfg = schedule if isinstance(schedule, ScheduleConfig) else ScheduleConfig(schedule=schedule, **fields)
     costs = costs or CostModel()
     costs.check_length(cfg.microbatches)
-    plan = build_nested(cfg, costs) if cfg.schedule in ("ideal", "bigmac") else _embedded(cfg)
+    nested = cfg.schedule in ("ideal", "bigmac")
+    if cfg.forward_only:
+        plan = _nested_forward_only(cfg) if nested else _embedded(cfg)
+    else:
+        plan = build_nested(cfg, costs) if nested else _embedded(cfg)
     validate(plan)
     return plan

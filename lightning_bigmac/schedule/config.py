@@ -41,9 +41,13 @@ class ScheduleConfig:
     llm_warmup: str | int | Sequence[int] = "auto"
     """bigmac/ideal: extra LLM forwards per rank before 1F1B's steady phase. ``"minimal"``: the
     smallest per-rank extension that is deadlock-free; ``"group"``: ``pp`` on every rank (the
-    paper's figure); ``"auto"``: for ideal ``"group"`` with a generator and 0 without, for bigmac the smallest extension, equal
-    on every rank, that is deadlock-free and keeps the step within 2% of ideal; an int for every
-    rank, or one int per rank."""
+    paper's figure); ``"auto"``: for ideal ``"group"`` with a generator and 0 without, for
+    bigmac the smallest extension, equal on every rank, that is deadlock-free and keeps the step
+    within 2% of ideal; an int for every rank, or one int per rank."""
+    forward_only: bool = False
+    """An evaluation step: forwards and generator losses only. Each rank runs its forwards chunk
+    by chunk (nothing is kept for a backward, so there is nothing to interleave); the knobs above
+    do not apply and are ignored."""
     owners: Sequence[int] | None = None
     """ideal/bigmac: rank running microbatch j's encoder and generator work; a permutation of
     0..pp-1 within each group of pp microbatches. None: j mod pp."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from .plan import EB, EF, G, Op, Plan
+from .plan import EB, EF, G, Op, Plan, step_ops
 from .plan import B as B_
 from .plan import F as F_
 
@@ -48,6 +48,7 @@ class DataFlow:
     generator: bool
     encoder_owner: tuple[int, ...]
     generator_owner: tuple[int, ...]
+    forward_only: bool = False
 
     @classmethod
     def of_plan(cls, plan: Plan) -> DataFlow:
@@ -57,14 +58,9 @@ class DataFlow:
             return tuple(-1 if r is None else r for r in plan.owners(module))
 
         return cls(
-            plan.pp,
-            plan.vpp,
-            plan.microbatches,
-            plan.encoder,
-            plan.generator,
-            owners("encoder"),
-            owners("generator"),
-        )
+            plan.pp, plan.vpp, plan.microbatches, plan.encoder, plan.generator,
+            owners("encoder"), owners("generator"), plan.forward_only,
+        )  # fmt: skip
 
     @property
     def num_stages(self) -> int:
@@ -109,16 +105,9 @@ class DataFlow:
 
     def all_ops(self) -> list[PlacedOp]:
         """Every placed op a complete step must contain, each exactly once."""
-        ops: list[PlacedOp] = []
-        for j in range(self.microbatches):
-            if self.encoder:
-                ops += [(self.encoder_owner[j], Op(EF, j)), (self.encoder_owner[j], Op(EB, j))]
-            if self.generator:
-                ops.append((self.generator_owner[j], Op(G, j)))
-            for rank in range(self.pp):
-                for c in range(self.vpp):
-                    ops += [(rank, Op(F_, j, c)), (rank, Op(B_, j, c))]
-        return ops
+        owner = {EF: self.encoder_owner, EB: self.encoder_owner, G: self.generator_owner}
+        ops = step_ops(self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only)
+        return [(owner[op.kind][op.microbatch] if r < 0 else r, op) for r, op in ops]
 
 
 def default_owners(microbatches: int, pp: int) -> tuple[int, ...]:

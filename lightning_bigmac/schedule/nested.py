@@ -172,11 +172,11 @@ def _minimal_extension(search: _Search) -> list[int]:
 def build_nested(cfg: ScheduleConfig, costs: CostModel) -> Plan:
     """Build ``ideal`` or ``bigmac`` for ``cfg``, choosing the knobs the user left free.
 
-    ``ideal`` warms the LLM up by one group when there is a generator (``"auto"``). bigmac's ``"auto"`` warm-up is the
-    smallest extension, equal on every rank, that is deadlock-free and keeps the step within 2%
-    of ideal (with every encoder group warm); its automatic W is then the smallest deadlock-free
-    W within 2% of ideal. Where ideal is out of reach the target becomes 2% of the best
-    candidate, and ``knobs["rule"]`` says so.
+    ``ideal`` warms the LLM up by one group when there is a generator (``"auto"``). bigmac's
+    ``"auto"`` warm-up is the smallest extension, equal on every rank, that is deadlock-free and
+    keeps the step within 2% of ideal (with every encoder group warm); its automatic W is then
+    the smallest deadlock-free W within 2% of ideal. Where ideal is out of reach the target
+    becomes 2% of the best candidate, and ``knobs["rule"]`` says so.
     """
     owners = tuple(cfg.owners) if cfg.owners is not None else default_owners(cfg.microbatches, cfg.pp)
     search, groups, p = _Search(cfg, owners, costs), cfg.groups, cfg.pp

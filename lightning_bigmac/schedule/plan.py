@@ -84,6 +84,22 @@ class Op(NamedTuple):
         return cls(m["mod"], int(m["mb"]))
 
 
+def step_ops(
+    pp: int, vpp: int, microbatches: int, encoder: bool, generator: bool, forward_only: bool = False
+) -> list[tuple[int, Op]]:
+    """Every op one step must contain, each once: LLM ops with their rank, encoder and generator ops
+    with rank -1 (they may run on any owner). A forward-only step has no ``B`` and no ``EB``."""
+    llm = (F,) if forward_only else (F, B)
+    module = ((EF,) if forward_only else (EF, EB)) if encoder else ()
+    ops: list[tuple[int, Op]] = []
+    for j in range(microbatches):
+        ops += [(-1, Op(k, j)) for k in module]
+        if generator:
+            ops.append((-1, Op(G, j)))
+        ops += [(r, Op(k, j, c)) for r in range(pp) for c in range(vpp) for k in llm]
+    return ops
+
+
 def _ops(items: Iterable[Op | str]) -> tuple[Op, ...]:
     return tuple(o if isinstance(o, Op) else Op.parse(o) for o in items)
 
@@ -106,6 +122,8 @@ class Plan:
     encoder: bool = True
     generator: bool = True
     knobs: Mapping[str, Any] = field(default_factory=dict)
+    forward_only: bool = False
+    """Evaluation step: forwards (and generator losses) only, no ``B``/``EB`` ops, nothing kept."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(_ops(r) for r in self.ranks))
@@ -113,6 +131,10 @@ class Plan:
             raise PlanFormatError(f"plan has {len(self.ranks)} rank lists but pp={self.pp}")
 
     # ---- derived views -------------------------------------------------------------------
+    def step_ops(self) -> list[tuple[int, Op]]:
+        """Every op this step must contain (see :func:`step_ops`)."""
+        return step_ops(self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only)
+
     def owners(self, module: str) -> list[int | None]:
         """Rank that runs each microbatch's ``encoder`` or ``generator`` work (None if absent)."""
         kind = {"encoder": EF, "generator": G}[module]
@@ -171,6 +193,7 @@ class Plan:
             "encoder": self.encoder,
             "generator": self.generator,
             "knobs": dict(self.knobs),
+            "forward_only": self.forward_only,
             "ranks": [[str(o) for o in ops] for ops in self.ranks],
         }
 
@@ -191,6 +214,7 @@ class Plan:
             encoder=bool(data.get("encoder", bool(kinds & {EF, EB}))),
             generator=bool(data.get("generator", G in kinds)),
             knobs=dict(data.get("knobs", {})),
+            forward_only=bool(data.get("forward_only", False)),
         )
 
     def to_json(self, **extra: Any) -> str:

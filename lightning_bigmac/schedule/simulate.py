@@ -5,6 +5,7 @@ unit is one microbatch's activations of that module; an LLM unit is one microbat
 of one chunk (so Megatron's interleaved 1F1B peaks at warm-up + 1 units). An op allocates its
 module's unit when it starts (F, EF, G) and frees it when it ends (B, EB, G). Because ops on a
 rank run one after another, the peaks depend only on each rank's op order, not on durations.
+A forward-only (evaluation) plan keeps nothing: its peaks are 0.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Simulation:
         return lower_bound(self.plan, self.costs)
 
     def _live(self, module: str, weight) -> tuple[float, ...]:
+        if self.plan.forward_only:  # an evaluation step keeps nothing for a backward
+            return (0.0,) * self.plan.pp
         peaks = []
         for ops in self.plan.ranks:
             live = peak = 0.0

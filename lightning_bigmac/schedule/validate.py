@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from graphlib import CycleError, TopologicalSorter
 
 from .dataflow import DataFlow, PlacedOp
-from .plan import EB, EF, LLM_KINDS, B, F, G, Op, Plan
+from .plan import EB, EF, LLM_KINDS, B, Op, Plan
 
 __all__ = ["PlanError", "render_grid", "validate"]
 
@@ -47,18 +47,6 @@ def render_grid(plan: Plan, marked: Iterable[PlacedOp], context: int = 6) -> str
     return "\n".join(lines)
 
 
-def _expected_ops(plan: Plan) -> list[tuple[int, Op]]:
-    """Every op of the step; encoder and generator ops with rank -1 (any owner will do)."""
-    ops: list[tuple[int, Op]] = []
-    for j in range(plan.microbatches):
-        if plan.encoder:
-            ops += [(-1, Op(EF, j)), (-1, Op(EB, j))]
-        if plan.generator:
-            ops.append((-1, Op(G, j)))
-        ops += [(r, Op(k, j, c)) for r in range(plan.pp) for c in range(plan.vpp) for k in (F, B)]
-    return ops
-
-
 def _check_complete(plan: Plan) -> None:
     seen: dict[tuple[int, Op], tuple[int, int]] = {}
     for r, ops in enumerate(plan.ranks):
@@ -73,6 +61,8 @@ def _check_complete(plan: Plan) -> None:
                 problem = "the plan says encoder=False"
             elif op.module == "generator" and not plan.generator:
                 problem = "the plan says generator=False"
+            elif op.kind in (B, EB) and plan.forward_only:
+                problem = "the plan is forward-only"
             if problem:
                 raise PlanError(f"{op} on {where}: {problem}", plan, [(r, op)])
             key = (r, op) if op.kind in LLM_KINDS else (-1, op)
@@ -84,12 +74,12 @@ def _check_complete(plan: Plan) -> None:
                     [(r0, op), (r, op)],
                 )
             seen[key] = (r, step)
-    missing = [p for p in _expected_ops(plan) if p not in seen]
+    missing = [p for p in plan.step_ops() if p not in seen]
     if missing:
         shown = ", ".join(f"{op}" + (f" on rank {r}" if r >= 0 else "") for r, op in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise PlanError(f"incomplete plan: missing {shown}{more}", plan)
-    for j in range(plan.microbatches if plan.encoder else 0):
+    for j in range(plan.microbatches if plan.encoder and not plan.forward_only else 0):
         (ef, _), (eb, _) = seen[(-1, Op(EF, j))], seen[(-1, Op(EB, j))]
         if ef != eb:
             raise PlanError(

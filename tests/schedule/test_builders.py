@@ -4,7 +4,16 @@ import itertools
 
 import pytest
 
-from lightning_bigmac.schedule import SCHEDULES, CostModel, ScheduleConfig, build_plan, simulate, validate
+from lightning_bigmac.schedule import (
+    SCHEDULES,
+    CostModel,
+    Plan,
+    PlanError,
+    ScheduleConfig,
+    build_plan,
+    simulate,
+    validate,
+)
 
 GRID_M = (1, 2, 3, 4, 8, 16)  # multiples of P
 
@@ -105,3 +114,24 @@ def test_llm_order_never_depends_on_costs():
         assert [o for o in a if o.kind in "FB"] == [o for o in b if o.kind in "FB"]
     assert cheap.ranks != heavy.ranks  # but the columns moved
     assert simulate(heavy, costs).step_time > simulate(cheap).step_time
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(("encoder", "generator"), [(True, True), (False, False), (True, False)])
+def test_forward_only_plans_have_no_backwards_and_keep_nothing(schedule, encoder, generator):
+    vpp = 1 if schedule == "1f1b" else 2
+    plan = build_plan(
+        schedule, pp=4, vpp=vpp, microbatches=8, encoder=encoder, generator=generator, forward_only=True
+    )
+    kinds = {op.kind for ops in plan.ranks for op in ops}
+    assert kinds == {"F"} | ({"EF"} if encoder else set()) | ({"G"} if generator else set())
+    assert all(sum(op.kind == "F" for op in ops) == 8 * vpp for ops in plan.ranks)
+    sim = simulate(plan)
+    assert sim.peak_live == {"encoder": (0,) * 4, "llm": (0,) * 4, "generator": (0,) * 4}
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_a_backward_in_a_forward_only_plan_is_rejected():
+    plan = build_plan("gpipe", pp=1, microbatches=1, encoder=False, generator=False)
+    with pytest.raises(PlanError, match="forward-only"):
+        validate(Plan("hand", 1, 1, 1, plan.ranks, False, False, forward_only=True))
