@@ -1,3 +1,23 @@
-"""lightning-bigmac: the BigMac nested pipeline for multimodal LLMs, as a PyTorch Lightning strategy."""
+"""lightning-bigmac: the BigMac nested pipeline for multimodal LLMs, as a PyTorch Lightning strategy.
+
+Importing the package registers the strategy names ``"bigmac"`` (script / torchrun / SLURM),
+``"bigmac_spawn"``, ``"bigmac_fork"`` and ``"bigmac_notebook"`` with Lightning.
+"""
+
+from .checkpoint import consolidate
+from .contract import Microbatches, check_contract, reference_loss, step_loss
+from .runtime.parts import LossWeights, PipelineParts
+from .strategy import BigMacStrategy
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BigMacStrategy",
+    "LossWeights",
+    "Microbatches",
+    "PipelineParts",
+    "check_contract",
+    "consolidate",
+    "reference_loss",
+    "step_loss",
+]

@@ -5,6 +5,10 @@
     bigmac plan --schedule bigmac --pp 4 --vpp 2 --microbatches 64 --png runs/plan/bigmac.png
     bigmac plan --schedule bigmac --pp 4 --vpp 2 --microbatches 64 --encoder-warmup 3 --llm-warmup group
     bigmac plan --from-json plan.json --costs profile.json
+
+``bigmac consolidate``: merge a sharded checkpoint into one that the plain LightningModule loads::
+
+    bigmac consolidate runs/x/checkpoints/epoch=0-step=100.ckpt runs/x/full.ckpt
 """
 
 from __future__ import annotations
@@ -137,14 +141,30 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_consolidate(args: argparse.Namespace) -> int:
+    from .checkpoint import consolidate
+
+    full = consolidate(args.checkpoint, args.out)
+    print(f"wrote {args.out}: {len(full['state_dict'])} tensors from {args.checkpoint}")
+    return 0
+
+
+def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("consolidate", help="merge a sharded BigMac checkpoint into one ordinary checkpoint")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory written by BigMacStrategy")
+    p.add_argument("out", type=Path, help="output file, loadable with MyModule.load_from_checkpoint")
+    p.set_defaults(run=_run_consolidate)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bigmac", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _plan_parser(sub)
+    _consolidate_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (PlanError, ValueError, OSError) as err:
+    except (PlanError, ValueError, KeyError, OSError) as err:
         print(f"bigmac {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,169 @@
+"""The model contract: how a LightningModule meets the BigMac strategy, documented in one place.
+
+A module declares its pieces with one method and computes its loss with one function::
+
+    class MyMLLM(L.LightningModule):
+        def pipeline_parts(self) -> PipelineParts:        # which modules are what
+            return PipelineParts(encoder=self.vit, embedding=self.embed, blocks=list(self.llm.blocks),
+                                 head=self.lm_head, text_targets=count_text_targets,
+                                 generator=self.gen_head, generator_targets=count_gen_targets)
+
+        def training_step(self, batch, batch_idx):
+            loss = step_loss(self, batch)                 # the same line under every strategy
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", step_loss(self, batch), prog_bar=True)
+
+:class:`~lightning_bigmac.runtime.parts.PipelineParts` says what each part computes. Under
+``strategy="bigmac"``, :func:`step_loss` runs the whole step through the pipeline (forward and
+backward when training, forward only otherwise) and returns the step's global loss, already
+differentiated: the strategy tells Lightning to skip its own zero-grad and backward. Under any
+other strategy it computes the same loss in this process with :func:`reference_loss`, a normal
+differentiable tensor. The module trains unchanged with ``strategy="auto"``.
+
+A batch is either an object with a ``microbatches`` list (and optionally an ``owners`` list, as
+the balancer produces) or any pytree of tensors, which is split along dim 0 into the strategy's
+number of microbatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .runtime.parts import LossWeights, PipelineParts
+
+__all__ = ["Microbatches", "check_contract", "reference_loss", "split_batch", "step_loss"]
+
+
+@dataclass
+class Microbatches:
+    """A batch already cut into one step's microbatches, with an optional owner map (one rank per
+    microbatch, a permutation of the pipeline ranks within each group). The balancer's output has
+    the same two attributes; any object with a ``microbatches`` list is taken as pre-split."""
+
+    microbatches: list[Any]
+    owners: list[int] | None = None
+
+
+def check_contract(module: Any) -> PipelineParts:
+    """The module's :class:`PipelineParts`, or a ``TypeError`` saying what is missing."""
+    method = getattr(module, "pipeline_parts", None)
+    if not callable(method):
+        raise TypeError(
+            f"{type(module).__name__} does not meet the BigMac model contract: define "
+            "`def pipeline_parts(self) -> lightning_bigmac.PipelineParts` returning its encoder, LLM "
+            "blocks, embedding, head and generator (see lightning_bigmac.contract)"
+        )
+    parts = method()
+    if not isinstance(parts, PipelineParts):
+        raise TypeError(
+            f"{type(module).__name__}.pipeline_parts() returned {type(parts).__name__}, "
+            "expected lightning_bigmac.PipelineParts"
+        )
+    return parts
+
+
+def split_batch(batch: Any, microbatches: int) -> tuple[list[Any], list[int] | None]:
+    """The step's microbatches and owner map (None: the default ``j mod pp``).
+
+    A batch with a ``microbatches`` attribute is already split (by the balancer); any other batch
+    is a pytree of tensors cut along dim 0 into ``microbatches`` pieces of near-equal size.
+    """
+    if hasattr(batch, "microbatches"):
+        owners = getattr(batch, "owners", None)
+        return list(batch.microbatches), (list(owners) if owners is not None else None)
+    leaves = [x for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise TypeError(f"cannot split a batch of type {type(batch).__name__}: it holds no tensors")
+    size = leaves[0].shape[0] if leaves[0].dim() else 0
+    if any(x.dim() == 0 or x.shape[0] != size for x in leaves):
+        raise ValueError(
+            "cannot split the batch into microbatches: its tensors differ in dim 0 "
+            f"({sorted({x.shape[0] if x.dim() else 0 for x in leaves})}); give a batch whose tensors share "
+            "the batch dimension, or an object with a `microbatches` list"
+        )
+    if size < microbatches:
+        raise ValueError(
+            f"a batch of {size} samples cannot make microbatches={microbatches}: raise the batch size "
+            "or lower the strategy's `microbatches`"
+        )
+    bounds = [size * i // microbatches for i in range(microbatches + 1)]
+
+    def piece(i: int) -> Any:
+        return pytree.tree_map(
+            lambda x: x[bounds[i] : bounds[i + 1]] if isinstance(x, torch.Tensor) else x, batch
+        )
+
+    return [piece(i) for i in range(microbatches)], None
+
+
+def reference_loss(
+    parts: PipelineParts,
+    microbatches: Sequence[Any],
+    *,
+    weights: LossWeights | None = None,
+    encoder: bool = True,
+    generator: bool = True,
+    eval_outputs: list[Any] | None = None,
+) -> torch.Tensor:
+    """The step loss computed in one process: the formula of :mod:`lightning_bigmac.runtime.parts`.
+
+    ``text_weight * sum(text losses) / T + generator_weight * sum(generator losses) / G`` with ``T``
+    and ``G`` the target counts of the whole step; a term with no targets adds 0. Given a list as
+    ``eval_outputs``, appends ``parts.eval_outputs(h, mb)`` of every microbatch to it.
+    """
+    w = weights or LossWeights()
+    use_encoder = encoder and parts.encoder is not None
+    use_generator = generator and parts.generator is not None
+    text_n = sum(int(parts.text_targets(mb)) for mb in microbatches)
+    gen_n = sum(int(parts.generator_targets(mb)) for mb in microbatches) if use_generator else 0
+    text = gen = None
+    for mb in microbatches:
+        h = parts.embedding(mb, parts.encoder(mb) if use_encoder else None)
+        for block in parts.blocks:
+            h = block(h)
+        t = parts.head(h, mb)
+        text = t if text is None else text + t
+        if eval_outputs is not None and parts.eval_outputs is not None:
+            eval_outputs.append(parts.eval_outputs(h, mb))
+        if use_generator:
+            g = parts.generator(h, mb)
+            gen = g if gen is None else gen + g
+    loss = text * (w.text / text_n) if text_n else text * 0.0
+    if gen_n:
+        loss = loss + gen * (w.generator / gen_n)
+    return loss
+
+
+def step_loss(module: Any, batch: Any, *, with_outputs: bool = False) -> Any:
+    """The loss of one step of ``batch``: through the pipeline under ``BigMacStrategy``, else in-process.
+
+    Call it from ``training_step``, ``validation_step`` and ``test_step``. Under the strategy the
+    returned tensor is the global loss of the step (the same on every rank), already
+    differentiated when training; log it with ``self.log`` as usual. ``with_outputs=True``
+    returns ``(loss, outputs)``: ``PipelineParts.eval_outputs`` of every microbatch (in
+    evaluation steps; an empty list in training or without that hook), the same on every rank,
+    to update metrics with.
+    """
+    from .strategy import BigMacStrategy  # the strategy imports this module
+
+    trainer = getattr(module, "_trainer", None)
+    strategy = trainer.strategy if trainer is not None else None
+    if isinstance(strategy, BigMacStrategy):
+        loss = strategy.run_step(batch)
+        outputs = (strategy.last_result.eval_outputs if strategy.last_result is not None else None) or []
+    else:
+        # One process: the whole batch is one microbatch (the loss is a sum over targets, so
+        # splitting it would not change its value).
+        microbatches = list(batch.microbatches) if hasattr(batch, "microbatches") else [batch]
+        outputs = [] if with_outputs and not module.training else None
+        weights = getattr(module, "loss_weights", None)
+        loss = reference_loss(check_contract(module), microbatches, weights=weights, eval_outputs=outputs)
+    return (loss, outputs or []) if with_outputs else loss

@@ -1,0 +1,69 @@
+"""Gradient synchronisation at the end of a step, in buckets.
+
+LLM chunk gradients are summed over the data-parallel group (the ranks holding the same
+stage); encoder and generator gradients over every rank holding a replica (``pp * dp``). The
+executor scales the loss by the step's global target counts, so a *sum* is the exact gradient
+of one big batch: no averaging here.
+
+Gradients are packed into flat buckets of about ``bucket_bytes`` and reduced one
+``all_reduce`` per bucket (one call per parameter would pay the collective's latency hundreds
+of times). A parameter without a gradient on this rank (no microbatch used it) contributes
+zeros, so every rank of the group posts the same buckets in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "all_reduce_grads", "buckets"]
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+def buckets(params: Sequence[torch.nn.Parameter], bucket_bytes: int) -> Iterator[list[torch.nn.Parameter]]:
+    """Consecutive runs of ``params`` of one dtype and at most ``bucket_bytes`` (a bigger one alone)."""
+    run: list[torch.nn.Parameter] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if run and (size + nbytes > bucket_bytes or p.dtype != run[0].dtype):
+            yield run
+            run, size = [], 0
+        run.append(p)
+        size += nbytes
+    if run:
+        yield run
+
+
+def all_reduce_grads(
+    params: Sequence[torch.nn.Parameter],
+    group: dist.ProcessGroup,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> int:
+    """Sum ``params``' gradients over ``group`` in place; returns the number of collectives issued.
+
+    Every rank of ``group`` must pass the same parameters in the same order (the same modules).
+    Afterwards every parameter has a ``.grad`` (zeros where no rank produced one).
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    params = [p for p in params if p.requires_grad]
+    if dist.get_world_size(group) == 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return 0
+    calls = 0
+    for run in buckets(params, bucket_bytes):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in run])
+        dist.all_reduce(flat, group=group)
+        calls += 1
+        offset = 0
+        for p in run:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+    return calls

@@ -1,0 +1,84 @@
+"""Activation accounting: bytes saved for backward, per module, per rank, and the step's peak.
+
+Around each op's forward a ``saved_tensors_hooks`` pair sees every tensor autograd saves. The
+bytes of their storages (each storage counted once per op; parameters excluded, they are not
+activations) form the op's *unit*, the same unit the simulator counts in
+(:attr:`~lightning_bigmac.schedule.Simulation.peak_live`): ``F`` and ``EF`` make a unit live,
+``B`` and ``EB`` free it once the executor drops the saved graph, ``G`` makes and frees one. The
+peak of the live sum is what the simulator predicts in units, so for equal-sized microbatches
+``peak_bytes / unit_bytes`` must equal the predicted peak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from lightning_bigmac.schedule import Op
+from lightning_bigmac.schedule.plan import EB, EF, MODULES, B, F, G
+
+__all__ = ["ActivationMeter"]
+
+_OPENS = {F, EF, G}
+_CLOSES = {B: F, EB: EF, G: G}
+
+
+def _unit(op: Op) -> tuple[str, int, int]:
+    kind = _CLOSES.get(op.kind, op.kind)
+    return (kind, op.microbatch, op.chunk)
+
+
+class ActivationMeter:
+    """Counts saved-for-backward bytes per op and tracks live and peak bytes per module.
+
+    ``params``: tensors never to count (the model's parameters, whose storages autograd saves
+    for weight gradients of matmuls but which are not activations).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] = ()):
+        self._ignore = {p.untyped_storage().data_ptr() for p in params if not p.is_meta}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a step: nothing live, peaks zero, no units recorded."""
+        self.live = dict.fromkeys(MODULES, 0)
+        self.peak = dict.fromkeys(MODULES, 0)
+        self.unit_bytes: dict[tuple[str, int, int], int] = {}
+        """Bytes of every unit recorded this step, by ``(forward kind, microbatch, chunk)``."""
+
+    @contextmanager
+    def record(self, op: Op) -> Iterator[None]:
+        """Count what ``op`` saves for backward (a no-op context for ops that free)."""
+        if op.kind not in _OPENS:
+            yield
+            self._close(op)
+            return
+        seen: set[int] = set()
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in seen and ptr not in self._ignore:
+                seen.add(ptr)
+                total += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        module = op.module
+        self.unit_bytes[_unit(op)] = total
+        self.live[module] += total
+        self.peak[module] = max(self.peak[module], self.live[module])
+        if op.kind == G:
+            self._close(op)
+
+    def _close(self, op: Op) -> None:
+        self.live[op.module] -= self.unit_bytes.get(_unit(op), 0)
+
+    def report(self) -> dict[str, int]:
+        """Peak bytes per module this step."""
+        return dict(self.peak)

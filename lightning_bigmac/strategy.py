@@ -1,0 +1,454 @@
+"""``BigMacStrategy``: the Lightning lifecycle around the pipeline runtime, registered as ``"bigmac"``.
+
+The constructor stores and checks the configuration (and builds a trial plan, so an unsafe knob
+fails before any process starts); ``set_world_ranks`` checks the world size against the pipeline
+size, also before launch; ``setup_environment`` creates the process groups; ``setup`` reads the
+model contract, places the stages (a rank keeps only its parameters) and builds the optimizers
+over those. Inside a step, :func:`~lightning_bigmac.contract.step_loss` calls :meth:`run_step`,
+which replays the plan's forward and backward; Lightning's own zero-grad and backward are
+switched off (``fit_loop._skip_backward``, as Lightning's SWA callback does), so the gradients
+the runtime computed reach the optimizer untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.distributed import (
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from torchmetrics import Metric
+from typing_extensions import override
+
+from . import checkpoint
+from .contract import check_contract, split_batch
+from .launcher import GatheringLauncher
+from .runtime.executor import PipelineExecutor, StepResult
+from .runtime.groups import PipelineGroups
+from .runtime.parts import LossWeights
+from .schedule import Plan, ScheduleConfig, build_plan
+
+__all__ = ["BigMacStrategy"]
+
+_START_METHODS = ("popen", "spawn", "fork")
+
+
+class BigMacStrategy(ParallelStrategy):
+    """Train a multimodal LLM with a pipeline schedule from :mod:`lightning_bigmac.schedule`.
+
+    Args:
+        pipeline_parallel_size: P, ranks per pipeline; the world is P x D with D data-parallel replicas.
+        virtual_chunks: V, LLM chunks per rank (interleaving); needs at least P x V LLM blocks.
+        schedule: a builder name: ``bigmac`` (default), ``megatron``, ``ideal``, ``interleaved``,
+            ``1f1b`` or ``gpipe``.
+        microbatches: M per step for batches that are pytrees of tensors (split along dim 0);
+            None means 2 x P. Batches with a ``microbatches`` list (the balancer's) bring their own.
+        encoder_warmup: bigmac's W; None picks the smallest safe W within 2% of the ideal step.
+        llm_warmup: bigmac's LLM warm-up extension: ``"auto"``, ``"minimal"``, ``"group"`` or ints.
+        text_loss_weight / generator_loss_weight: weights of the two loss terms; None takes the
+            module's ``loss_weights`` attribute (a :class:`LossWeights`) or 1.0.
+        split_points: explicit LLM block index where each stage after the first starts.
+        timeout: seconds any rank waits for a peer before failing with the peer and op named.
+        process_group_backend: None picks gloo on CPU and NCCL on GPU.
+        start_method: ``"popen"`` re-runs the script per rank (scripts, torchrun, SLURM);
+            ``"spawn"``/``"fork"`` run inside this process tree (notebooks: ``"bigmac_notebook"``).
+    """
+
+    strategy_name = "bigmac"
+    is_distributed = True  # Lightning reads this for sampler injection and sync_dist
+
+    def __init__(
+        self,
+        pipeline_parallel_size: int = 2,
+        virtual_chunks: int = 1,
+        schedule: str = "bigmac",
+        microbatches: int | None = None,
+        encoder_warmup: int | None = None,
+        llm_warmup: str | int | list[int] = "auto",
+        text_loss_weight: float | None = None,
+        generator_loss_weight: float | None = None,
+        split_points: list[int] | None = None,
+        timeout: float = 300.0,
+        process_group_backend: str | None = None,
+        start_method: str = "popen",
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if start_method not in _START_METHODS:
+            raise ValueError(f"start_method={start_method!r}: choose one of {', '.join(_START_METHODS)}")
+        if timeout <= 0:
+            raise ValueError(f"timeout={timeout} must be > 0 seconds")
+        self.schedule = ScheduleConfig(
+            schedule=schedule,
+            pp=pipeline_parallel_size,
+            vpp=virtual_chunks,
+            microbatches=2 * pipeline_parallel_size if microbatches is None else microbatches,
+            encoder_warmup=encoder_warmup,
+            llm_warmup=llm_warmup,
+        )
+        build_plan(self.schedule)  # an unsafe W or warm-up fails here, before any process starts
+        self.loss_weights_override = (text_loss_weight, generator_loss_weight)
+        self.split_points = split_points
+        self.timeout = timeout
+        self._process_group_backend = process_group_backend
+        self._start_method = start_method
+        self.num_nodes = 1
+        self.groups: PipelineGroups | None = None
+        self.executor: PipelineExecutor | None = None
+        self.last_result: StepResult | None = None
+        self._plans: dict[tuple, Plan] = {}
+        self._ran_step = False
+
+    # ---- layout ---------------------------------------------------------------------------------
+    @property
+    def pipeline_parallel_size(self) -> int:
+        return self.schedule.pp
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.schedule.pp
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.global_rank // self.schedule.pp  # pipelines are contiguous (runtime/groups.py)
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # every pipeline rank of a replica must see the same samples
+        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # shards load into the placed stages and the optimizers built over them
+
+    # ---- launch and processes -------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )
+        else:
+            self._launcher = GatheringLauncher(self, start_method=self._start_method)
+
+    def set_world_ranks(self) -> None:
+        """Called by the Trainer before any process is launched: the world-size check belongs here."""
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+        pp, world = self.schedule.pp, self.num_nodes * self.num_processes
+        if world % pp:
+            raise MisconfigurationException(
+                f"BigMacStrategy(pipeline_parallel_size={pp}) needs a world size divisible by {pp}, but "
+                f"devices x num_nodes = {world}: use devices={pp * max(1, world // pp)} or change "
+                "pipeline_parallel_size"
+            )
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        self._process_group_backend = backend
+        _init_dist_connection(self.cluster_environment, backend, timeout=timedelta(seconds=self.timeout))
+        self.groups = PipelineGroups.create(self.schedule.pp)
+        rank_zero_info(f"BigMacStrategy: {self.groups.describe()}")
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        if trainer.accumulate_grad_batches != 1:
+            raise MisconfigurationException(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported by "
+                "BigMacStrategy: "
+                "one optimizer step already runs `microbatches` microbatches; raise `microbatches` instead"
+            )
+        if not module.automatic_optimization:
+            raise MisconfigurationException(
+                "BigMacStrategy runs the backward itself and needs automatic optimization: remove "
+                "`self.automatic_optimization = False` from the module"
+            )
+
+    def _loss_weights(self, module: pl.LightningModule) -> LossWeights:
+        base = getattr(module, "loss_weights", None) or LossWeights()
+        text, gen = self.loss_weights_override
+        return LossWeights(
+            text=base.text if text is None else text, generator=base.generator if gen is None else gen
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None and self.groups is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        self._check_trainer(trainer)
+        parts = check_contract(module)
+        stages = self.schedule.pp * self.schedule.vpp
+        if len(parts.blocks) < stages:
+            raise ValueError(
+                f"the model has {len(parts.blocks)} LLM blocks but pipeline_parallel_size x virtual_chunks = "
+                f"{self.schedule.pp} x {self.schedule.vpp} = {stages} stages need at least one each: "
+                "lower pipeline_parallel_size or virtual_chunks"
+            )
+        self.precision_plugin.convert_module(self.model)
+        self.executor = PipelineExecutor(
+            parts,
+            self.groups,
+            vpp=self.schedule.vpp,
+            split_points=self.split_points,
+            weights=self._loss_weights(module),
+            device=self.root_device,
+            timeout=self.timeout,
+        )
+        self.model_to_device()
+        for metric in self.model.modules():
+            if isinstance(metric, Metric):  # every pipeline rank saw the same outputs: reduce over replicas
+                metric.process_group = self.groups.dp_group
+        rank_zero_info(f"BigMacStrategy: {self.executor.partition.describe()}")
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            self._restrict_optimizers()
+            trainer.fit_loop._skip_backward = True  # the runtime did the backward; see the module docstring
+        self.setup_precision_plugin()
+        # Lightning clips by a per-rank norm; the global norm spans every stage of the pipeline.
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        plan = self.plan_for(self.schedule.microbatches)
+        rank_zero_info(f"BigMacStrategy: {plan.schedule} plan, knobs {dict(plan.knobs)}")
+
+    def _move_held(self, device: torch.device) -> None:
+        """Move what the module holds to ``device``, leaving the freed (meta) pipeline parts alone."""
+        assert self.model is not None
+        self.model._apply(lambda t: t if t.is_meta else t.to(device))
+
+    @override
+    def model_to_device(self) -> None:
+        self._move_held(self.root_device)  # the executor placed the stages; this moves metrics, buffers
+
+    @override
+    def teardown(self) -> None:
+        # Strategy.teardown without `lightning_module.cpu()`, which cannot copy the freed parts.
+        assert self.cluster_environment is not None
+        self.cluster_environment.teardown()
+        _optimizers_to_device(self.optimizers, torch.device("cpu"))
+        if self.model is not None:
+            self._move_held(torch.device("cpu"))
+        self.precision_plugin.teardown()
+        if self.accelerator is not None:
+            self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    def _restrict_optimizers(self) -> None:
+        """Keep in each optimizer only the parameters this rank holds (configure_optimizers saw all)."""
+        assert self.executor is not None
+        own = {id(p) for p in self.executor.parameters()}
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) in own]
+
+    # ---- one step -------------------------------------------------------------------------------
+    def plan_for(
+        self, microbatches: int, owners: list[int] | None = None, forward_only: bool = False
+    ) -> Plan:
+        """The (cached) plan of a step with ``microbatches`` microbatches and this owner map."""
+        key = (microbatches, tuple(owners) if owners is not None else None, forward_only)
+        if key not in self._plans:
+            assert self.executor is not None
+            parts = self.executor.parts
+            cfg = self.schedule
+            try:
+                self._plans[key] = build_plan(
+                    cfg.schedule,
+                    pp=cfg.pp,
+                    vpp=cfg.vpp,
+                    microbatches=microbatches,
+                    encoder=parts.encoder is not None,
+                    generator=parts.generator is not None,
+                    encoder_warmup=cfg.encoder_warmup if microbatches == cfg.microbatches else None,
+                    llm_warmup=cfg.llm_warmup,
+                    owners=owners if cfg.schedule in ("ideal", "bigmac") else None,
+                    forward_only=forward_only,
+                )
+            except ValueError as err:
+                raise ValueError(f"cannot plan a step of {microbatches} microbatches: {err}") from err
+        return self._plans[key]
+
+    def run_step(self, batch: Any) -> torch.Tensor:
+        """Run one step of ``batch`` through the pipeline; return its global loss (no graph).
+
+        Training: forward and backward with the gradients left in ``.grad`` (summed over the
+        data-parallel replicas). Evaluation (the module in eval mode): a forward-only plan.
+        """
+        assert self.executor is not None
+        training = self.lightning_module.training
+        microbatches, owners = split_batch(batch, self.schedule.microbatches)
+        plan = self.plan_for(len(microbatches), owners, forward_only=not training)
+        if training:
+            for p in self.executor.parameters():
+                p.grad = None
+        self.last_result = self.executor.step(plan, microbatches)
+        self._ran_step = True
+        return torch.tensor(self.last_result.loss, device=self.root_device)
+
+    def _call_step(self, hook: str, *args: Any, **kwargs: Any) -> Any:
+        self._ran_step = False
+        out = getattr(super(), hook)(*args, **kwargs)
+        if not self._ran_step:
+            raise MisconfigurationException(
+                f"{type(self.lightning_module).__name__}.{hook} did not call "
+                "lightning_bigmac.step_loss(self, "
+                "batch): under BigMacStrategy the pipeline computes the loss (see lightning_bigmac.contract)"
+            )
+        return out
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call_step("training_step", *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call_step("validation_step", *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call_step("test_step", *args, **kwargs)
+
+    # ---- gradients ------------------------------------------------------------------------------
+    def global_grad_norm(self) -> float:
+        """The 2-norm of the whole model's gradient, as one process would compute it.
+
+        LLM parameters live on one rank of each pipeline (their gradients already summed over the
+        replicas); encoder and generator gradients are identical on every rank after the sync.
+        """
+        assert self.executor is not None and self.groups is not None
+
+        def sq(params: list[torch.nn.Parameter]) -> torch.Tensor:
+            grads = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+            return torch.stack(grads).sum() if grads else torch.zeros((), device=self.root_device)
+
+        llm = sq(self.executor.llm_parameters())
+        dist.all_reduce(llm, group=self.groups.pipeline_group)
+        return math.sqrt(float(llm) + float(sq(self.executor.replica_parameters())))
+
+    def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+        assert self.executor is not None
+        coef = min(1.0, float(clip_val) / (self.global_grad_norm() + 1e-6))  # torch's clip_grad_norm_ rule
+        if coef < 1.0:
+            for p in self.executor.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    # ---- collectives ----------------------------------------------------------------------------
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(
+        self, tensor: torch.Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
+    ) -> torch.Tensor | Any:
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return checkpoint.owned_state_dict(self.lightning_module)
+
+    @override
+    def save_checkpoint(
+        self, checkpoint_: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("BigMacStrategy.save_checkpoint(storage_options=...) is not supported")
+        assert self.groups is not None
+        path = self.broadcast(str(filepath))
+        checkpoint.save_shards(checkpoint_, path, self.groups, self.lightning_module, self.barrier)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        assert self.groups is not None
+        return checkpoint.load_shard(checkpoint_path, self.groups, weights_only=bool(weights_only))
+
+    @override
+    def load_model_state_dict(self, checkpoint_: dict[str, Any], strict: bool = True) -> None:
+        checkpoint.load_owned_state_dict(self.lightning_module, checkpoint_["state_dict"], strict=strict)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Every parameter of the model, gathered on global rank 0 (None elsewhere). A collective."""
+        assert self.groups is not None
+        return checkpoint.gather_full_state_dict(self.lightning_module, self.groups)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        entries = (
+            ("bigmac", "popen"),
+            ("bigmac_spawn", "spawn"),
+            ("bigmac_fork", "fork"),
+            ("bigmac_notebook", "fork"),
+        )
+        for name, start_method in entries:
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name, cls, description=f"BigMac nested pipeline, start_method={start_method!r}",
+                    start_method=start_method,
+                )  # fmt: skip
+
+
+BigMacStrategy.register_strategies(StrategyRegistry)

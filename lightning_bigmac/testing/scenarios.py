@@ -1,0 +1,233 @@
+"""Multi-process scenarios shared by the runtime tests and the overhead benchmark.
+
+:func:`run_cases` runs on every rank of a ``pp x dp`` layout (via :mod:`.spawn`) and executes a
+list of cases on one executor per model size, so one process start-up serves many schedules.
+Each case is a plain dict:
+
+==============  ==================================================================================
+``schedule``    builder name; ``microbatches``: M per data-parallel replica
+``data``        ``"mixed"`` (0-3 images, 2-12 tokens), ``"text"`` (no images: a text-only step,
+                plan without encoder and generator), ``"image"`` (1-3 images, no text targets),
+                ``"equal"`` (every microbatch 3 images, 12 tokens: memory tests), ``"long"`` (0-3
+                images, 32-96 tokens: timing)
+``measure``     ``"grads"`` (loss + this rank's gradients), ``"memory"`` (activation peaks and unit
+                bytes), ``"profile"`` (per-op events gathered on rank 0 and step wall times)
+``model``       optional :class:`TinyConfig` field overrides (a bigger model for timing)
+``steps``       profile only: steps to run (the first warms up)
+``match_by_order``  pair messages by posting order only, as NCCL does (see ``Transport``)
+``forward_only``    an evaluation step (loss only, no gradients)
+==============  ==================================================================================
+
+:func:`case_microbatches` gives the data of one replica, so the parent can build the single-process
+reference over all replicas.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from lightning_bigmac.runtime import PipelineExecutor, PipelineGroups
+from lightning_bigmac.runtime.grad_sync import DEFAULT_BUCKET_BYTES
+from lightning_bigmac.schedule import build_plan
+
+from .tiny_mllm import TinyConfig, TinyMLLM, make_microbatches
+
+__all__ = [
+    "PROFILE_MODEL",
+    "SCHEDULES",
+    "build_case_plan",
+    "case_config",
+    "case_microbatches",
+    "fail_mid_step",
+    "layout_cases",
+    "run_cases",
+]
+
+_SMALL_BUCKETS = 16 * 1024
+"""Gradient buckets with data parallelism in tests: the tiny model then needs several buckets."""
+
+_DATA = {
+    "mixed": {"images": (0, 3), "text": (2, 12)},
+    "text": {"images": (0, 0), "text": (2, 12)},
+    "image": {"images": (1, 3), "text": (1, 1)},
+    "equal": {"images": (3, 3), "text": (12, 12), "equal": True},
+    "long": {"images": (0, 3), "text": (32, 96)},
+}
+
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "megatron", "ideal", "bigmac")
+PROFILE_MODEL = {"dim": 384, "heads": 6, "layers": 4, "patches": 16, "patch_dim": 48, "max_len": 160}
+
+
+def layout_cases(pp: int, dp: int, vpp: int) -> list[dict]:
+    """The cases the runtime tests run on one layout, in one spawn.
+
+    Every schedule valid for ``vpp`` (gradient check), a text-only and an image-only step; P=4
+    adds bigmac and ideal paired by posting order (NCCL's rule); P=2 adds memory cases at
+    M = 4P and 16P and profiled steps of a bigger model.
+    """
+    valid = [s for s in SCHEDULES if not (s == "1f1b" and vpp > 1) and not (s == "interleaved" and vpp == 1)]
+    m = 2 * pp
+    cases = [{"schedule": s, "microbatches": m} for s in valid]
+    cases += [
+        {"schedule": "bigmac", "microbatches": m, "data": "text", "seed": 7},
+        {"schedule": "bigmac", "microbatches": m, "data": "image", "seed": 8},
+        {"schedule": "1f1b" if vpp == 1 else "interleaved", "microbatches": m, "data": "text", "seed": 9},
+        {"schedule": "bigmac", "microbatches": m, "forward_only": True, "seed": 10},
+        {"schedule": "megatron", "microbatches": m, "forward_only": True, "seed": 11},
+    ]
+    if pp == 4:  # NCCL's matching rule (posting order, no tags) on the schedules that reorder most
+        cases += [{"schedule": s, "microbatches": 2 * m, "match_by_order": True} for s in ("ideal", "bigmac")]
+    if (pp, dp, vpp) == (2, 1, 1):
+        cases += [
+            {"schedule": s, "microbatches": m, "data": "equal", "measure": "memory"}
+            for s in ("bigmac", "ideal")
+            for m in (4 * pp, 16 * pp)
+        ]
+        cases += [
+            {
+                "schedule": s,
+                "microbatches": 4 * pp,
+                "data": "long",
+                "measure": "profile",
+                "model": PROFILE_MODEL,
+            }
+            for s in ("bigmac", "1f1b")
+        ]
+    return cases
+
+
+def case_config(case: dict[str, Any]) -> TinyConfig:
+    return replace(TinyConfig(), **case.get("model", {}))
+
+
+def case_microbatches(case: dict[str, Any], dp_rank: int) -> list[dict[str, torch.Tensor]]:
+    """Replica ``dp_rank``'s microbatches of ``case`` (deterministic)."""
+    kind = case.get("data", "mixed")
+    mbs = make_microbatches(
+        case_config(case), case["microbatches"], seed=1000 * dp_rank + case.get("seed", 0), **_DATA[kind]
+    )
+    if kind == "image":
+        for mb in mbs:
+            mb["labels"].fill_(-100)
+    return mbs
+
+
+def build_case_plan(case: dict[str, Any], pp: int, vpp: int):
+    multimodal = case.get("data", "mixed") != "text"
+    return build_plan(
+        case["schedule"],
+        pp=pp,
+        vpp=vpp,
+        microbatches=case["microbatches"],
+        encoder=multimodal,
+        generator=multimodal,
+        forward_only=case.get("forward_only", False),
+    )
+
+
+def _grads(model: TinyMLLM) -> dict[str, torch.Tensor]:
+    return {
+        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+        if not p.is_meta
+    }
+
+
+def run_cases(
+    rank: int, pp: int, dp: int, vpp: int, cases: list[dict[str, Any]], timeout: float = 60.0
+) -> list:
+    """Run ``cases`` on this rank; returns one dict per case (see the module docstring)."""
+    groups = PipelineGroups.create(pp, dp)
+    executors: dict[tuple, tuple[TinyMLLM, PipelineExecutor]] = {}
+    out = []
+    for case in cases:
+        cfg = case_config(case)
+        ordered = case.get("match_by_order", False)
+        key = (tuple(sorted(case.get("model", {}).items())), ordered)
+        if key not in executors:
+            model = TinyMLLM(cfg, seed=0)
+            ex = PipelineExecutor(
+                model.parts(),
+                groups,
+                vpp=vpp,
+                bucket_bytes=_SMALL_BUCKETS if dp > 1 else DEFAULT_BUCKET_BYTES,
+                timeout=timeout,
+                measure_memory=True,
+                profile=True,
+                match_by_order=ordered,
+            )
+            executors[key] = (model, ex)
+        model, ex = executors[key]
+        plan = build_case_plan(case, pp, vpp)
+        mbs = case_microbatches(case, groups.dp_rank)
+        measure = case.get("measure", "grads")
+        if measure == "profile":
+            out.append(_profile(ex, plan, mbs, case.get("steps", 3)))
+            continue
+        for p in ex.parameters():
+            p.grad = None
+        res = ex.step(plan, mbs)
+        if measure == "grads":
+            out.append({"loss": res.loss, "grads": _grads(model)})
+        else:
+            assert ex.memory is not None
+            out.append({"peak": res.activation_peak, "units": dict(ex.memory.unit_bytes)})
+    return out
+
+
+def _profile(ex: PipelineExecutor, plan, mbs, steps: int) -> dict[str, Any]:
+    """Run ``steps`` steps; per step the events of every rank (on pipeline rank 0) and the wall time.
+
+    The wall time runs from ``step``'s call to its return on this rank, gradient sync included.
+    """
+    assert ex.profiler is not None
+    records = []
+    for _ in range(steps):
+        for p in ex.parameters():
+            p.grad = None
+        t0 = time.perf_counter()
+        ex.step(plan, mbs)
+        wall = time.perf_counter() - t0
+        events = ex.profiler.gather(ex.groups.pipeline_group, dst=ex.groups.pipeline_ranks[0])
+        records.append({"events": events, "wall": wall})
+    return {"plan": plan.to_dict(), "records": records}
+
+
+def fail_mid_step(rank: int, victim: int, mode: str, timeout: float) -> None:
+    """One bigmac step on ``pp = 2`` where rank ``victim`` dies (``"kill"``: SIGKILL) or stops
+    answering (``"hang"``: sleeps ``timeout + 1`` s, then exits 0) at its third LLM block call.
+
+    Survivors raise; the time from the step's start to the error is added to it as a note.
+    """
+    groups = PipelineGroups.create(2, 1)
+    model = TinyMLLM(seed=0)
+    ex = PipelineExecutor(model.parts(), groups, timeout=timeout)
+    calls = 0
+
+    def strike(module: torch.nn.Module, args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(timeout + 1)
+            os._exit(0)
+
+    if rank == victim:
+        for stage in ex.stages:
+            for block in stage.blocks:
+                block.register_forward_pre_hook(strike)
+    case = {"schedule": "bigmac", "microbatches": 4}
+    start = time.perf_counter()
+    try:
+        ex.step(build_case_plan(case, 2, 1), case_microbatches(case, 0))
+    except Exception as err:
+        err.add_note(f"elapsed {time.perf_counter() - start:.3f}s")
+        raise
