@@ -32,7 +32,7 @@ case "${1:-}" in
   test)
     shift
     ruff check .
-    ruff format --check lightning_bigmac balancer tests benchmarks
+    ruff format --check lightning_bigmac balancer tests benchmarks examples
     pytest "$@"
     ;;
   *)

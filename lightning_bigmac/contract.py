@@ -50,6 +50,9 @@ class Microbatches:
 
     microbatches: list[Any]
     owners: list[int] | None = None
+    state: dict[str, Any] | None = None
+    """The data adapter's state right after this step (the balancer's ``StepBatch.state``), kept
+    so that a checkpoint can resume the data exactly; the strategy does not read it."""
 
 
 def check_contract(module: Any) -> PipelineParts:

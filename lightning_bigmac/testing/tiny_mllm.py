@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_bigmac.contract import reference_loss
 from lightning_bigmac.runtime.parts import LossWeights, PipelineParts
 
 __all__ = ["TinyConfig", "TinyMLLM", "make_microbatches"]
@@ -177,21 +178,9 @@ class TinyMLLM(nn.Module):
         weights: LossWeights | None = None,
     ) -> torch.Tensor:
         """The step loss in one process: the runtime's formula over all ``microbatches``."""
-        w = weights or LossWeights()
-        text_n = sum(_text_targets(mb) for mb in microbatches)
-        gen_n = sum(_generator_targets(mb) for mb in microbatches) if generator else 0
-        text = gen = torch.zeros(())
-        for mb in microbatches:
-            h = self.embedding(mb, self.encoder(mb) if encoder else None)
-            for block in self.blocks:
-                h = block(h)
-            text = text + self.head(h, mb)
-            if generator:
-                gen = gen + self.generator(h, mb)
-        loss = text * (w.text / text_n) if text_n else text * 0.0
-        if gen_n:
-            loss = loss + gen * (w.generator / gen_n)
-        return loss
+        return reference_loss(
+            self.parts(), microbatches, weights=weights, encoder=encoder, generator=generator
+        )
 
 
 def make_microbatches(
