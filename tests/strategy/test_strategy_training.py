@@ -9,6 +9,7 @@ global-norm clipping, the consolidated checkpoint, the CLI and a notebook-style 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,25 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 HANG_GUARD = 900  # seconds; a deadlocked run fails instead of stalling CI (not a performance limit)
+# In-process Lightning runs in this pytest process export their rendezvous (MASTER_PORT, ranks);
+# a child must pick its own, or it would try to listen on a port this process still holds.
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+
+
+def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=HANG_GUARD, **kwargs
+    )
 
 
 def run_tiny(tmp_path: Path, name: str, *args: str) -> dict:
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, str(HERE / "run_tiny.py"), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    proc = run(cmd, tmp_path)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
 
@@ -159,7 +173,7 @@ def test_lightning_cli_fit_with_the_sample_yaml(tmp_path):
         "--config", str(ROOT / "examples" / "configs" / "tiny_bigmac.yaml"),
         "--trainer.enable_progress_bar=false", "--trainer.strategy.init_args.schedule=megatron",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    proc = run(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     config = next((tmp_path / "lightning_logs").glob("version_*/config.yaml")).read_text()
     assert "class_path: lightning_bigmac.BigMacStrategy" in config and "schedule: megatron" in config
@@ -184,10 +198,7 @@ print("RESULT", meta, changed, len(before))
 
 def test_notebook_launcher_from_an_interactive_process_returns_every_stage(tmp_path):
     # `python -i` makes Lightning see an interactive session, as in Jupyter: only fork launchers are allowed
-    proc = subprocess.run(
-        [sys.executable, "-i", "-c", NOTEBOOK], cwd=tmp_path, capture_output=True, text=True,
-        stdin=subprocess.DEVNULL, timeout=HANG_GUARD,
-    )  # fmt: skip
+    proc = run([sys.executable, "-i", "-c", NOTEBOOK], tmp_path, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-4000:]
     meta, changed, total = map(int, proc.stdout.split("RESULT")[1].split())
     assert meta == 0 and changed == total  # the notebook's module holds every trained stage
@@ -200,6 +211,6 @@ def test_torchrun_launch(tmp_path):
         "--master_port", str(free_port()),
         str(HERE / "run_tiny.py"), "--devices", "2", "--steps", "3", "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD)
+    proc = run(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(json.loads(out.read_text())["losses"]) == 3
