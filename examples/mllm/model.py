@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from lightning_bigmac import BigMacStrategy, LossWeights, PipelineParts, step_loss
+from lightning_bigmac import LossWeights, PipelineParts, step_loss
 
 from .config import ModelConfig
 from .data import GEN, IMG, VOCAB, pack, unpatchify
@@ -220,9 +220,9 @@ class ExampleMLLM(pl.LightningModule):
 
     Validation logs ``val_loss``, ``val_answer_acc`` (a question counts as right when every answer
     word is the argmax under teacher forcing) and ``val_chance_acc`` (the same questions answered
-    uniformly at random). The accuracy needs the last stage's hidden states: under ``"auto"`` it
-    comes from a second, plain forward; under ``BigMacStrategy`` it is pending the strategy's
-    eval-output hook, which should call :meth:`update_metrics` on the last stage.
+    uniformly at random). The accuracy needs the last stage's hidden states, so it is computed
+    there by :meth:`answer_outcomes` (the contract's ``eval_outputs`` hook) and handed to every
+    rank by ``step_loss(..., with_outputs=True)``; under ``"auto"`` the same hook runs in-process.
     """
 
     def __init__(
@@ -257,6 +257,7 @@ class ExampleMLLM(pl.LightningModule):
             text_targets=_text_targets,
             generator=self.generator,
             generator_targets=_generator_targets,
+            eval_outputs=self.answer_outcomes,
         )
 
     def forward(self, mb: dict[str, Any]) -> Hidden:
@@ -272,30 +273,30 @@ class ExampleMLLM(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_loss", step_loss(self, batch), prog_bar=True, batch_size=1)
-        if isinstance(self.trainer.strategy, BigMacStrategy):
-            return  # only the last stage has the hidden states: pending the strategy's eval-output hook
-        for mb in batch.microbatches:
-            self.update_metrics(self(mb), mb)
+        loss, outcomes = step_loss(self, batch, with_outputs=True)
+        self.log("val_loss", loss, prog_bar=True, batch_size=1)
+        for outcome in outcomes:  # the same on every rank; the metrics reduce over replicas
+            if outcome["correct"].numel():
+                self.answer_acc.update(outcome["correct"])
+                self.chance_acc.update(outcome["chance"])
         self.log("val_answer_acc", self.answer_acc, prog_bar=True)
         self.log("val_chance_acc", self.chance_acc)
 
     @torch.no_grad()
-    def update_metrics(self, outputs: Hidden, mb: dict[str, Any]) -> None:
-        """Update the answer accuracy from one microbatch's last-stage output.
+    def answer_outcomes(self, outputs: Hidden, mb: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per asked question of one microbatch: ``correct`` (1.0 when every answer word is the argmax)
+        and ``chance`` (1 / number of choices).
 
         ``outputs`` is the hidden dict the head receives (``"h" [S, D]``; the head's norm and LM head
         are applied here, at the scored positions only); ``mb`` supplies ``labels``, ``scored``,
-        ``segments`` and ``choices``. Runs wherever the head's parameters live (the last stage).
+        ``segments`` and ``choices``. Runs where the head's parameters live (the last stage).
         """
         at = mb["scored"].nonzero().squeeze(1)
         wrong = (self.head.logits(outputs["h"][at]).argmax(-1) != mb["labels"][at]).float()  # [A]
         choices = mb["choices"]  # [n]
         wrong_words = torch.zeros(len(choices), device=wrong.device).index_add(0, mb["segments"][at], wrong)
         asked = choices > 0
-        if asked.any():
-            self.answer_acc.update((wrong_words[asked] == 0).float())
-            self.chance_acc.update(1.0 / choices[asked].float())
+        return {"correct": (wrong_words[asked] == 0).float(), "chance": 1.0 / choices[asked].float()}
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
