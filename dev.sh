@@ -26,8 +26,7 @@ case "${1:-}" in
     mkdir -p $out
     bigmac plan --schedule bigmac --pp 4 --vpp 2 --microbatches 64 --encoder-warmup 3 --llm-warmup group \
       --png $out/gantt.png --memory-png $out/memory.png --json $out/plan.json
-    mkdir -p runs/tiny
-    (cd runs/tiny && python ../../examples/cli.py fit --config ../../examples/configs/tiny_bigmac.yaml "$@")
+    python -m examples.mllm.train --config examples/configs/mllm_cpu.yaml "$@"
     ;;
   test)
     shift

@@ -6,6 +6,7 @@ Importing the package registers the strategy names ``"bigmac"`` (script / torchr
 
 from .checkpoint import consolidate
 from .contract import Microbatches, check_contract, reference_loss, step_loss
+from .run_report import RunReport
 from .runtime.parts import LossWeights, PipelineParts
 from .strategy import BigMacStrategy
 
@@ -16,6 +17,7 @@ __all__ = [
     "LossWeights",
     "Microbatches",
     "PipelineParts",
+    "RunReport",
     "check_contract",
     "consolidate",
     "reference_loss",

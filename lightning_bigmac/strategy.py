@@ -13,6 +13,7 @@ the runtime computed reach the optimizer untouched.
 from __future__ import annotations
 
 import math
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -42,8 +43,11 @@ from .contract import check_contract, split_batch
 from .launcher import GatheringLauncher
 from .runtime.executor import PipelineExecutor, StepResult
 from .runtime.groups import PipelineGroups
+from .runtime.memory import ActivationMeter
 from .runtime.parts import LossWeights
+from .runtime.profiler import OpProfiler
 from .schedule import Plan, ScheduleConfig, build_plan
+from .step_report import StepProfile
 
 __all__ = ["BigMacStrategy"]
 
@@ -123,6 +127,9 @@ class BigMacStrategy(ParallelStrategy):
         self.groups: PipelineGroups | None = None
         self.executor: PipelineExecutor | None = None
         self.last_result: StepResult | None = None
+        self.last_profile: StepProfile | None = None
+        """The step :meth:`profile_next_step` asked for, on global rank 0 (None elsewhere)."""
+        self._profile_next = False
         self._plans: dict[tuple, Plan] = {}
         self._ran_step = False
 
@@ -331,9 +338,43 @@ class BigMacStrategy(ParallelStrategy):
         if training:
             for p in self.executor.parameters():
                 p.grad = None
-        self.last_result = self.executor.step(plan, microbatches)
+        if training and self._profile_next:
+            self._profile_next = False
+            self.last_result = self._profiled_step(plan, microbatches)
+        else:
+            self.last_result = self.executor.step(plan, microbatches)
         self._ran_step = True
         return torch.tensor(self.last_result.loss, device=self.root_device)
+
+    def profile_next_step(self) -> None:
+        """Time every op and count saved activations during the next training step (a one-off).
+
+        Afterwards :attr:`last_profile` holds a :class:`~lightning_bigmac.step_report.StepProfile`
+        on global rank 0: replica 0's per-op events and per-rank activation peaks. Every rank must
+        call this before the same step (a callback's ``on_train_batch_start`` does).
+        """
+        self._profile_next = True
+
+    def _profiled_step(self, plan: Plan, microbatches: list[Any]) -> StepResult:
+        ex, groups = self.executor, self.groups
+        assert ex is not None and groups is not None
+        ex.profiler, ex.memory = OpProfiler(ex.rank), ActivationMeter(ex.parameters())
+        try:
+            start = time.perf_counter()
+            result = ex.step(plan, microbatches)
+            wall = time.perf_counter() - start
+            events = ex.profiler.gather(groups.pipeline_group, dst=groups.pipeline_ranks[0])
+            peaks: list[Any] | None = [None] * groups.pp if groups.pipeline_rank == 0 else None
+            dist.gather_object(
+                result.activation_peak, peaks, dst=groups.pipeline_ranks[0], group=groups.pipeline_group
+            )
+        finally:
+            ex.profiler = ex.memory = None
+        if groups.rank == 0:
+            assert events is not None and peaks is not None
+            step = self.lightning_module.trainer.global_step
+            self.last_profile = StepProfile(step, plan, events, peaks, wall)
+        return result
 
     def _call_step(self, hook: str, *args: Any, **kwargs: Any) -> Any:
         self._ran_step = False

@@ -76,7 +76,8 @@ class DataConfig:
     ``root/hf``); empty: ``$XDG_CACHE_HOME/lightning-bigmac/examples-mllm`` (or ``~/.cache/...``)."""
     sources: tuple[str, ...] = ("shapes", "photos")
     """Data sources mixed into every split: ``"shapes"`` (synthetic shapes, counts and motion) and
-    ``"photos"`` (scikit-image's bundled photographs)."""
+    ``"photos"`` (scikit-image's bundled photographs); ``"layout"`` (where a shape sits) is the
+    fine-tuning notebook's new task, not in the default mix."""
     train_samples: int = 4000
     """Training samples generated per source."""
     val_samples: int = 128
@@ -94,9 +95,11 @@ class DataConfig:
     """Seed of data generation and of the epoch orders."""
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.sources) - {"shapes", "photos"})
+        unknown = sorted(set(self.sources) - {"shapes", "photos", "layout"})
         if unknown or not self.sources:
-            raise ValueError(f"DataConfig.sources={self.sources!r}: use a non-empty subset of shapes, photos")
+            raise ValueError(
+                f"DataConfig.sources={self.sources!r}: use a non-empty subset of shapes, photos, layout"
+            )
         if self.reader not in ("webdataset", "hf"):
             raise ValueError(f"DataConfig.reader={self.reader!r}: use 'webdataset' or 'hf'")
         for name in ("train_samples", "val_samples", "samples_per_shard", "microbatches", "token_cap"):

@@ -106,6 +106,7 @@ WORDS = (
     *("this", "these", "of", "has", "more", "same", "there", "shapes", "shape", "colour", "image"),
     *("describe", "move", "photo", "camera", "draw", "first", "second", "yes", "no", "?"),
     *COLOURS, *SHAPES, *NUMBERS, *DIRECTIONS, *PHOTOS,
+    "where",  # the layout source (fine-tuning); new words go last so saved models keep their ids
 )  # fmt: skip
 VOCAB: tuple[str, ...] = SPECIAL + tuple(dict.fromkeys(WORDS))
 """Every token: the specials, then the words of every source's prompts and answers."""

@@ -24,7 +24,11 @@ photos     ``photo``           a crop of a photo; "what is in the photo ?" -> ca
 photos     ``pair``            2 crops; "are these the same photo ?" -> no                  2
 photos     ``pan``             video panning over a photo; "which way does the camera ..."  2
 photos     ``draw``            text -> a 16 or 32 pixel thumbnail of "the cat"              --
+layout     ``where``           1 shape in one half; "where is the red circle ?" -> left     4
 =========  ==================  ===========================================================  =======
+
+``layout`` is not part of the default mix: it is the *new task* of the fine-tuning notebook
+(``examples/finetune.ipynb``), a question the main job's model has never seen.
 """
 
 from __future__ import annotations
@@ -284,7 +288,31 @@ def photo_record(seed: int, split: str, index: int) -> Record:
     return _qa(key, kind, f"draw the {name}", "", 0, outputs=[_crop(rng, name, (side, side))])
 
 
-SOURCES: dict[str, Callable[[int, str, int], Record]] = {"shapes": shapes_record, "photos": photo_record}
+# ---- layout ------------------------------------------------------------------------------------
+def layout_record(seed: int, split: str, index: int) -> Record:
+    """Sample ``index`` of the layout source: which half of the image one shape sits in.
+
+    The shape is centred a quarter of the image from the middle towards ``left``/``right``/``up``/
+    ``down`` and jittered along the other axis, so the answer is never ambiguous.
+    """
+    rng = _rng(seed, "layout", split, index)
+    key = f"layout-{split}-{index:06d}"
+    h, w = _size(rng, 48, 64)
+    img = _canvas(rng, h, w)
+    shape, colour = _objects(rng, 1)[0]
+    side = str(rng.choice(list(DIRECTIONS)))
+    dy, dx = DIRECTIONS[side]
+    cy = h / 2 + dy * h / 4 + (0 if dy else rng.uniform(-h / 8, h / 8))
+    cx = w / 2 + dx * w / 4 + (0 if dx else rng.uniform(-w / 8, w / 8))
+    _draw(img, shape, colour, cy, cx, r=min(h, w) / 6)
+    return _qa(key, "where", f"where is the {colour} {shape} ?", side, len(DIRECTIONS), images=[img])
+
+
+SOURCES: dict[str, Callable[[int, str, int], Record]] = {
+    "shapes": shapes_record,
+    "photos": photo_record,
+    "layout": layout_record,
+}
 """Source name -> ``record(seed, split, index)``."""
 
 

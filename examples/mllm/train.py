@@ -1,105 +1,64 @@
-"""Train the example MLLM on its generated data; print the validation curve and throughput.
+"""The main job: train the example MLLM from a LightningCLI config and fill a run folder.
 
-    python -m examples.mllm.train                                   # strategy="auto", one process
-    python -m examples.mllm.train --reader hf --max-steps 100       # the HF datasets path
-    python -m examples.mllm.train --strategy bigmac --devices 2     # 2 pipeline stages (P=2)
+    python -m examples.mllm.train --config examples/configs/mllm_cpu.yaml          # 2 processes, bigmac
+    python -m examples.mllm.train --config examples/configs/mllm_cpu.yaml \\
+        --trainer.strategy.init_args.schedule=megatron                            # another schedule
+    python -m examples.mllm.train --config examples/configs/mllm_cpu.yaml \\
+        --trainer.strategy=auto --trainer.devices=1                               # one process
 
-Run from the repository root (``examples`` is imported from there). The first run generates the
-data into the cache (``DataConfig.root``), about 20 s.
+Run from the repository root (``examples`` is imported from there). It is ``LightningCLI`` with one
+addition: the untrained model is validated first, so the run's first validation row is step 0 and
+the summary can say how far validation loss fell. The run folder (``RunReport.dirpath`` in the
+config) then holds checkpoints, consolidated weights, the loss curve, the profiled step's Gantt
+chart and the memory report; the last line printed is a JSON summary.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
+from lightning.pytorch.cli import LightningCLI
 
-from lightning_bigmac import BigMacStrategy
+from lightning_bigmac import RunReport
 
-from .config import DataConfig, ModelConfig
 from .data import ExampleDataModule
 from .model import ExampleMLLM
 
 
-class Curve(pl.Callback):
-    """Records the validation metrics, training loss and LLM tokens of every step, with wall time."""
+class ExampleCLI(LightningCLI):
+    """LightningCLI for the example; the data module reads the model's geometry (patch size, merge)."""
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.val: list[dict[str, float]] = []
-        self.train: list[float] = []
-        self.tokens = 0
-        self.step_seconds = 0.0
-        self._step_start = 0.0
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("model.config", "data.model")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, idx: int) -> None:
-        self._step_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, out: Any, batch: Any, idx: int) -> None:
-        self.step_seconds += time.perf_counter() - self._step_start  # compute only: loading is before
-        self.train.append(float(trainer.callback_metrics["train_loss"]))
-        self.tokens += sum(len(mb["tokens"]) for mb in batch.microbatches)
-
-    def on_validation_end(self, trainer: pl.Trainer, module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
-        row.update(step=trainer.global_step, seconds=round(time.perf_counter() - self.start, 1))
-        self.val.append(row)
-        if trainer.is_global_zero:
-            print(json.dumps(row), flush=True)
+def summary(report: RunReport) -> dict[str, Any]:
+    """Headline figures of a finished run: validation loss drop, metric against chance, speed."""
+    first, last = report.val[0], report.val[-1]
+    drop = 1 - last["val_loss"] / first["val_loss"]
+    return {
+        "steps": last["step"],
+        "seconds": report.metrics()["seconds"],
+        "samples_per_s": report.metrics()["samples_per_s"],
+        "val_loss_first": round(first["val_loss"], 3),
+        "val_loss_last": round(last["val_loss"], 3),
+        "val_loss_drop": round(drop, 3),
+        "val_answer_acc": round(last.get("val_answer_acc", float("nan")), 3),
+        "val_chance_acc": round(last.get("val_chance_acc", float("nan")), 3),
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default="auto", help="auto, bigmac, or any Lightning strategy name")
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--schedule", default="bigmac", help="with --strategy bigmac: the pipeline schedule")
-    p.add_argument("--reader", default="webdataset", choices=["webdataset", "hf"])
-    p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--val-every", type=int, default=50, help="validate every this many training steps")
-    p.add_argument("--train-samples", type=int, default=DataConfig.train_samples, help="per source")
-    p.add_argument("--root", default="", help="data cache directory (default: ~/.cache/...)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process; 0: default")
-    p.add_argument("--out", default="", help="write the curve as JSON here")
-    args = p.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pl.seed_everything(0)
-    strategy: Any = args.strategy
-    if strategy == "bigmac":
-        strategy = BigMacStrategy(pipeline_parallel_size=args.devices, schedule=args.schedule)
-    data = ExampleDataModule(DataConfig(root=args.root, reader=args.reader, train_samples=args.train_samples))
-    data.prepare_data()  # generates the shards on first use (not timed)
-    curve = Curve()
-    trainer = pl.Trainer(
-        strategy=strategy, accelerator="cpu", devices=args.devices, max_steps=args.max_steps,
-        val_check_interval=args.val_every, check_val_every_n_epoch=None, gradient_clip_val=1.0,
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        callbacks=[curve], enable_progress_bar=False, inference_mode=False,  # validate(), then fit(): below
-    )  # fmt: skip
-    model = ExampleMLLM(ModelConfig())
-    # the untrained model's row (step 0); with inference_mode=True the metrics' states would be
-    # inference tensors after validate() and fit()'s validation could not update them
-    trainer.validate(model, data, verbose=False)
+    cli = ExampleCLI(ExampleMLLM, ExampleDataModule, run=False, save_config_kwargs={"overwrite": True})
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.validate(model, data, verbose=False)  # step 0: the untrained model's row
     trainer.fit(model, data)
-    seconds = time.perf_counter() - curve.start
-    summary = {
-        "steps": trainer.global_step,
-        "seconds": round(seconds, 1),
-        "train_step_seconds": round(curve.step_seconds, 1),
-        "tokens_per_s": round(curve.tokens / curve.step_seconds),
-    }
-    if trainer.is_global_zero:
-        print(json.dumps(summary))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"val": curve.val, "train_loss": curve.train, **summary}, f)
+    report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
+    if trainer.is_global_zero and report is not None and report.val:
+        figures = summary(report)
+        (report.folder(trainer) / "summary.json").write_text(json.dumps(figures, indent=1))
+        print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from .groups import PipelineGroups, global_rank, layout
 from .memory import ActivationMeter
 from .partition import Partition, Stage, balanced_bounds, partition, place
 from .parts import LossWeights, PipelineParts
-from .profiler import OpEvent, OpProfiler, chrome_trace, cost_profile, transfer_latency
+from .profiler import OpEvent, OpProfiler, chrome_trace, cost_profile, measured_simulation, transfer_latency
 from .routes import Message, Routes
 from .transfer import PeerError, Transport
 
@@ -34,6 +34,7 @@ __all__ = [
     "cost_profile",
     "global_rank",
     "layout",
+    "measured_simulation",
     "partition",
     "place",
     "transfer_latency",

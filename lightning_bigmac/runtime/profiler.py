@@ -10,7 +10,9 @@ Exports, both built on pipeline rank 0 from every rank's events:
 
 * :func:`chrome_trace`: ``{"traceEvents": [{"ph": "X", "pid": rank, ...}]}``, opens in Perfetto;
 * :func:`cost_profile`: the ``bigmac-profile/1`` file :meth:`CostModel.load` reads, so a real run
-  can be replayed by :func:`~lightning_bigmac.schedule.simulate`.
+  can be replayed by :func:`~lightning_bigmac.schedule.simulate`;
+* :func:`measured_simulation`: the profiled step as a :class:`~lightning_bigmac.schedule.Simulation`
+  whose intervals are the measured ones, so the simulator's pictures draw the real step.
 """
 
 from __future__ import annotations
@@ -28,10 +30,17 @@ from typing import Any
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from lightning_bigmac.schedule import DataFlow, Op, Plan
+from lightning_bigmac.schedule import CostModel, DataFlow, Interval, Op, Plan, Simulation
 from lightning_bigmac.schedule.costs import PROFILE_FORMAT
 
-__all__ = ["OpEvent", "OpProfiler", "chrome_trace", "cost_profile", "transfer_latency"]
+__all__ = [
+    "OpEvent",
+    "OpProfiler",
+    "chrome_trace",
+    "cost_profile",
+    "measured_simulation",
+    "transfer_latency",
+]
 
 
 @dataclass(frozen=True)
@@ -146,3 +155,22 @@ def cost_profile(plan: Plan, events: Sequence[OpEvent], path: str | Path | None 
     if path is not None:
         Path(path).write_text(json.dumps(data, indent=1))
     return data
+
+
+def measured_simulation(plan: Plan, events: Sequence[OpEvent]) -> Simulation:
+    """The profiled step itself as a :class:`Simulation` (times in seconds).
+
+    Its intervals are the measured op times, in each rank's program order, and its cost model is
+    the step's :func:`cost_profile`, so ``draw_gantt`` shows the real step and ``peak_live`` /
+    ``live_over_time`` follow what the ranks actually held.
+    """
+    at = {(e.rank, e.op): e for e in events}
+    intervals = []
+    for rank, ops in enumerate(plan.ranks):
+        missing = [str(op) for op in ops if (rank, str(op)) not in at]
+        if missing:
+            raise ValueError(f"the profile has no event for {missing[:3]} on PP{rank}: not this plan's step")
+        intervals.append(
+            tuple(Interval(rank, op, at[(rank, str(op))].start, at[(rank, str(op))].end) for op in ops)
+        )
+    return Simulation(plan, CostModel.from_profile(cost_profile(plan, events)), tuple(intervals))

@@ -22,7 +22,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["RankOutcome", "free_port", "launch", "run"]
+__all__ = ["RankOutcome", "child_env", "free_port", "launch", "run"]
+
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without a rendezvous, for launching a separate distributed job.
+
+    In-process Lightning runs export theirs (``MASTER_PORT``, ranks); a child that inherited them
+    would try to join or listen on a port this process still holds.
+    """
+    return {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
 
 
 def free_port() -> int:

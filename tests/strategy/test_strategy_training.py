@@ -9,7 +9,6 @@ global-norm clipping, the consolidated checkpoint, the CLI and a notebook-style 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,20 +16,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from lightning_bigmac.testing.spawn import free_port
+from lightning_bigmac.testing.spawn import child_env, free_port
 
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 HANG_GUARD = 900  # seconds; a deadlocked run fails instead of stalling CI (not a performance limit)
-# In-process Lightning runs in this pytest process export their rendezvous (MASTER_PORT, ranks);
-# a child must pick its own, or it would try to listen on a port this process still holds.
-_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
-
-
-def child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
 
 
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:

@@ -1,0 +1,100 @@
+"""One profiled training step, written out for people: Gantt chart, trace, cost file, memory report.
+
+:meth:`BigMacStrategy.profile_next_step <lightning_bigmac.BigMacStrategy.profile_next_step>`
+switches the runtime's per-op timing and activation accounting on for one step and hands the
+result to global rank 0 as a :class:`StepProfile`. :meth:`StepProfile.write` produces:
+
+==================  =================================================================================
+``gantt.png``       the measured step, one row per pipeline rank, coloured like the paper's figure
+``trace.json``      the same ops as a Chrome trace (open in https://ui.perfetto.dev)
+``profile.json``    the ``bigmac-profile/1`` cost file: ``bigmac plan --costs profile.json`` replays it
+``memory.png``      live activations per module and rank over the measured step (in microbatches)
+``memory.md``       peak saved-activation bytes per module per rank, measured, next to the simulator's
+                    peak in microbatches for the same plan
+==================  =================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runtime.profiler import OpEvent, chrome_trace, cost_profile, measured_simulation
+from .schedule import Plan, Simulation
+from .schedule.pictures import draw_gantt, draw_memory
+from .schedule.plan import MODULES
+
+__all__ = ["StepProfile"]
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """What one profiled step did on every rank of one pipeline (data-parallel replica 0)."""
+
+    step: int
+    """The optimizer step (``trainer.global_step``) that was profiled."""
+    plan: Plan
+    events: list[OpEvent]
+    """Every op's compute on every pipeline rank, seconds since the step's start barrier."""
+    activation_peak: list[dict[str, int]]
+    """Per pipeline rank: peak bytes saved for backward per module during the step."""
+    wall: float
+    """Seconds from the step's start to its return on pipeline rank 0 (gradient sync included)."""
+
+    @property
+    def simulation(self) -> Simulation:
+        """The measured step as a :class:`Simulation` (times in seconds)."""
+        return measured_simulation(self.plan, self.events)
+
+    def memory_table(self) -> str:
+        """Markdown: measured peak bytes per module per rank, and the simulated peak in microbatches."""
+        sim = self.simulation
+        modules = [m for m in MODULES if any(p.get(m, 0) for p in self.activation_peak)]
+        head = "| rank | " + " | ".join(f"{m} peak (MiB) | {m} live units" for m in modules) + " |"
+        rule = "|---" * (1 + 2 * len(modules)) + "|"
+        rows = [
+            f"| PP{rank} | "
+            + " | ".join(f"{peak.get(m, 0) / 2**20:.2f} | {sim.peak_live[m][rank]:g}" for m in modules)
+            + " |"
+            for rank, peak in enumerate(self.activation_peak)
+        ]
+        return "\n".join([head, rule, *rows])
+
+    def summary(self) -> dict[str, object]:
+        """Headline figures of the step, JSON-ready."""
+        sim = self.simulation
+        busiest = max(sim.busy)
+        return {
+            "step": self.step,
+            "schedule": self.plan.schedule,
+            "pp": self.plan.pp,
+            "vpp": self.plan.vpp,
+            "microbatches": self.plan.microbatches,
+            "wall_s": round(self.wall, 4),
+            "busiest_rank_compute_s": round(busiest, 4),
+            "bubble_fraction": [round(b, 3) for b in sim.bubble_fraction],
+            "activation_peak_bytes": self.activation_peak,
+        }
+
+    def write(self, dirpath: str | Path) -> list[Path]:
+        """Write the files listed in the module docstring into ``dirpath``; returns their paths."""
+        out = Path(dirpath)
+        out.mkdir(parents=True, exist_ok=True)
+        sim = self.simulation
+        plan = self.plan
+        what = f"step {self.step}, {plan.schedule} pp={plan.pp} vpp={plan.vpp} M={plan.microbatches}"
+        gantt = draw_gantt(sim, out / "gantt.png", title=f"Measured {what}: {sim.step_time * 1e3:.0f} ms")
+        memory = draw_memory(sim, out / "memory.png", title=f"Live activations, measured {what}")
+        chrome_trace(self.events, out / "trace.json")
+        cost_profile(plan, self.events, out / "profile.json")
+        table = out / "memory.md"
+        table.write_text(
+            f"# Activation memory, {what}\n\n"
+            "Peak bytes saved for backward per module on each rank (measured with saved_tensors_hooks),\n"
+            "and the most microbatches of that module each rank held at once (live units).\n\n"
+            f"{self.memory_table()}\n"
+        )
+        summary = out / "step.json"
+        summary.write_text(json.dumps(self.summary(), indent=1))
+        return [gantt, memory, out / "trace.json", out / "profile.json", table, summary]
