@@ -92,6 +92,7 @@ __all__ = [
     "describe",
     "encode",
     "hf_dataset",
+    "metadata_with_sizes",
     "pack",
     "patchify",
     "read_raw",
@@ -202,7 +203,7 @@ def describe(key: str, meta: dict[str, Any], cfg: ModelConfig) -> Sample:
     )
 
 
-def _with_sizes(record: Record) -> dict[str, Any]:
+def metadata_with_sizes(record: Record) -> dict[str, Any]:
     """A record's metadata plus the pixel sizes (what :func:`describe` needs)."""
     return {
         **record.meta,
@@ -222,7 +223,7 @@ def pack(samples: Sequence[Record], cfg: ModelConfig, *, seed: int = 0) -> dict[
     vision: list[tuple[np.ndarray, np.ndarray]] = []  # per image or frame: patches, (row, col, frame)
     gen: list[tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]] = []  # per output: x1, rc, x0, t
     for rec in samples:
-        ids, start, n_answer = _layout(_with_sizes(rec), cfg)
+        ids, start, n_answer = _layout(metadata_with_sizes(rec), cfg)
         labels = np.full(len(ids), -100, np.int64)
         if n_answer:  # positions start-1 .. start+n_answer-1 predict the answer words and <eos>
             labels[start - 1 : start + n_answer] = ids[start : start + n_answer + 1]
@@ -313,7 +314,7 @@ def _write(record: Record, cfg: ModelConfig) -> dict[str, Any]:
     """One record as webdataset files (see the module docstring)."""
     if len(record.images) > _MAX_IMAGES or len(record.videos) > 1 or len(record.outputs) > 1:
         raise ValueError(f"{record.key}: a shard sample has at most {_MAX_IMAGES} images, 1 video, 1 output")
-    meta = _with_sizes(record)
+    meta = metadata_with_sizes(record)
     meta["text_tokens"] = describe(record.key, meta, cfg).text_tokens
     files: dict[str, Any] = {"__key__": record.key, "json": json.dumps(meta).encode()}
     files.update({f"{i}.png": _png(img) for i, img in enumerate(record.images)})
@@ -379,7 +380,7 @@ def read_raw(raw: dict[str, Any]) -> Record:
 def _describe_raw(raw: dict[str, Any], cfg: ModelConfig) -> tuple[Record, Sample]:
     """``describe`` for :class:`balancer.BalancedStream`: (what the step carries, its descriptor)."""
     record = read_raw(raw)
-    return record, describe(record.key, _with_sizes(record), cfg)
+    return record, describe(record.key, metadata_with_sizes(record), cfg)
 
 
 def hf_dataset(urls: Sequence[str], cache_dir: str) -> Any:
