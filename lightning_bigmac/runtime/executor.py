@@ -265,12 +265,19 @@ class _Step:
             return self.mailbox.pop(msg.consumer)
         return self.ex.transport.recv(msg.src, msg.tag, what=str(msg.consumer))
 
+    def _answers(self, msg: Message) -> int | None:
+        """Tag of the message ``msg`` answers with gradients (:meth:`Routes.request`): the transport
+        then posts its receives as soon as that one is sent."""
+        request = self.routes.request(msg)
+        return None if request is None else request.tag
+
     def deliver(self, op: Op, payload: Any) -> None:
         for msg in self.routes.outputs(self.rank, op):
             if msg.dst == self.rank:
                 self.mailbox[msg.consumer] = _detached(payload)
             else:
-                self.ex.transport.send(payload, msg.dst, msg.tag, what=str(msg.consumer))
+                what, answers = str(msg.consumer), self._answers(msg)
+                self.ex.transport.send(payload, msg.dst, msg.tag, what=what, answers=answers)
 
     # ---- ops ------------------------------------------------------------------------------------
     def execute(self) -> None:
@@ -278,7 +285,7 @@ class _Step:
         for src in range(self.plan.pp):
             if src != self.rank:
                 incoming = self.routes.from_peer(src, self.rank)
-                ex.transport.expect(src, [(m.tag, str(m.consumer)) for m in incoming])
+                ex.transport.expect(src, [(m.tag, str(m.consumer), self._answers(m)) for m in incoming])
         for op in self.plan.ranks[self.rank]:
             inputs = [self.receive(m) for m in self.routes.inputs(self.rank, op)]
             assert len(inputs) <= 1, f"{op} has {len(inputs)} input messages"

@@ -24,6 +24,8 @@ from lightning_bigmac.schedule.plan import EB, EF, B, F, G
 __all__ = ["Message", "Routes"]
 
 _KEPT = {(F, B), (EF, EB)}
+_FORWARD_OF = {B: F, EB: EF, G: G}
+"""The op whose input a backward-side op sends gradients for (G does both)."""
 _KIND_CODE = {F: 0, B: 1, EF: 2, EB: 3, G: 4}
 
 
@@ -67,6 +69,23 @@ class Routes:
         """Messages ``op`` on ``rank`` produces, one per consumer."""
         me = (rank, op)
         return [self._message(me, c) for c in self.flow.consumers(rank, op) if not _kept(me, c)]
+
+    def request(self, msg: Message) -> Message | None:
+        """The message that ``msg`` answers with gradients, or None.
+
+        A backward op's output message carries the gradients w.r.t. its forward's received input,
+        one per leaf (``B(s+1).j -> B(s).j`` answers ``F(s).j -> F(s+1).j``, ``G.j -> B.j``
+        answers ``F.j -> G.j``, ``B(0).j -> EB.j`` answers ``EF.j -> F(0).j``): the receiver
+        knows their shapes from what it sent and can post its receives before they come.
+        """
+        kinds = (_FORWARD_OF.get(msg.producer.kind), _FORWARD_OF.get(msg.consumer.kind))
+        if kinds[0] is None or kinds[1] is None:
+            return None
+        producer, consumer = msg.producer._replace(kind=kinds[0]), msg.consumer._replace(kind=kinds[1])
+        for m in self.inputs(msg.src, producer):
+            if m.src == msg.dst and m.producer == consumer:
+                return m
+        return None
 
     @cached_property
     def _sent(self) -> list[list[Message]]:

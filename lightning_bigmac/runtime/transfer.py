@@ -22,11 +22,22 @@ Sends are asynchronous (the validator's deadlock-freedom assumes it): :meth:`Tra
 posts ``isend`` and keeps the buffers alive until the work completes. Receives block, with a
 deadline: a peer that died or a message that never comes raises :class:`PeerError` naming the
 peer and the op instead of hanging.
+
+Latency. Gloo's tcp transport sends a payload only once the receiver has posted its receive (a
+round trip otherwise), and on a few shared cores every hop waits for a time slice. So receives
+are posted early, still in the sender's order: every header receive as soon as the previous
+message's payload receives are posted, a payload's receives as soon as its header is in (on a
+receiving thread per peer with gloo), and an *answer* (gradients going back for a message this
+rank sent, see :meth:`Transport.expect`) needs no header first at all: its shapes are those of
+the message it answers, so all its receives are posted when that one is sent. The price is one
+gradient-sized buffer per message in flight, allocated at its request's send.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -64,6 +75,12 @@ _DTYPES = (
 _CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 
 
+Meta = tuple[torch.dtype, bool, list[int]] | None
+"""What the header says of one leaf: dtype, requires_grad, shape; None for a ``None`` leaf."""
+Slot = tuple[torch.dtype, list[int]] | None
+"""Where an answer may hold a tensor (its dtype and shape); None where it must hold None."""
+
+
 class PeerError(RuntimeError):
     """A message from or to a peer did not complete: the peer died or never sent it in time."""
 
@@ -89,9 +106,7 @@ def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any]) -> list[i
     return header
 
 
-def _decode_header(
-    header: list[int],
-) -> tuple[pytree.TreeSpec, list[tuple[torch.dtype, bool, list[int]] | None]]:
+def _decode_header(header: list[int]) -> tuple[pytree.TreeSpec, list[Meta]]:
     num_leaves, spec_bytes = header[2], header[3]
     pos, metas = 4, []
     for _ in range(num_leaves):
@@ -107,20 +122,91 @@ def _decode_header(
     return pytree.treespec_loads(raw.decode()), metas
 
 
+def _meta(leaf: torch.Tensor | None) -> Meta:
+    return None if leaf is None else (leaf.dtype, leaf.requires_grad, list(leaf.shape))
+
+
+def _answer_slots(request: list[Meta]) -> list[Slot] | None:
+    """Slots of an answer to a message with leaves ``request``: a gradient per leaf that requires
+    grad (autograd gives it that leaf's dtype and shape), None elsewhere.
+
+    None when the answer's header could overflow into a second message: then it goes the
+    ordinary way (both ends decide this from the same ``request``).
+    """
+    slots = [(m[0], m[2]) if m is not None and m[1] else None for m in request]
+    spec = pytree.treespec_dumps(pytree.tree_structure([None] * len(slots))).encode()
+    words = 4 + sum(1 if s is None else 3 + len(s[1]) for s in slots) + -(-len(spec) // 8)
+    return slots if words <= HEADER_SLOTS else None
+
+
+def _answer_payload(
+    leaves: list[Any], spec: pytree.TreeSpec, slots: list[Slot], device: torch.device, what: str
+) -> list[torch.Tensor]:
+    """The buffers of an answer whose receives the peer posted in advance: one per non-empty slot.
+
+    A None leaf in a tensor slot (an input its stage did not use) travels as a zero placeholder
+    of the slot's size, since the posted receive expects it; the header still says None and the
+    receiver drops it, so the result is the same None as without pre-posting.
+    """
+    if spec != pytree.tree_structure([None] * len(slots)):
+        raise ValueError(f"{what}: an answer must be a flat list of one entry per leaf of its request")
+    bufs = []
+    for i, (leaf, slot) in enumerate(zip(leaves, slots, strict=True)):
+        if slot is None:
+            if leaf is not None:
+                raise ValueError(f"{what}: entry {i} answers a leaf that does not require grad, must be None")
+            continue
+        if leaf is not None and (leaf.dtype, list(leaf.shape)) != slot:
+            raise ValueError(
+                f"{what}: entry {i} is {leaf.dtype} {list(leaf.shape)}, its request's leaf {slot}"
+            )
+        if leaf is None and math.prod(slot[1]) > 0:
+            bufs.append(torch.zeros(slot[1], dtype=slot[0], device=device))
+        elif leaf is not None and leaf.numel() > 0:
+            bufs.append(leaf.detach().contiguous())
+    return bufs
+
+
 @dataclass(eq=False)
 class _Incoming:
-    """A message being received: its header (``stage`` "header", then "rest" if it overflows),
-    then its payload ("payload"); ``works`` are the receives the current stage waits on."""
+    """One announced message. Its *header phase* (``stage`` "queued", "header", then "rest" if the
+    header overflows) ends with its payload receives posted (``stage`` "payload") and ``ready``
+    set, or with ``error`` set; from then on only the consuming thread touches it.
+
+    An answer (``answers`` set) skips the wait for its header: once this rank has sent the
+    ``request`` it answers, its header and payload receives are posted together from ``slots``,
+    and the consumer reads the header after the payload.
+    """
 
     tag: int
     what: str
-    buf: torch.Tensor
-    stage: str = "header"
+    answers: int | None = None
+    stage: str = "queued"
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    request_sent: threading.Event = field(default_factory=threading.Event)
+    request: list[Meta] = field(default_factory=list)
+    slots: list[Slot] | None = None
+    buf: torch.Tensor | None = None
     works: list[dist.Work] = field(default_factory=list)
     header: list[int] = field(default_factory=list)
     spec: Any = None
-    metas: list[Any] = field(default_factory=list)
+    metas: list[Meta] = field(default_factory=list)
     leaves: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Channel:
+    """The messages announced from one sender, in its posting order."""
+
+    messages: deque[_Incoming]
+    """Not yet handed out."""
+    unready: deque[_Incoming]
+    """Still in their header phase; run in order by ``pump`` or, without one, between ops."""
+    done: dict[int, Any] = field(default_factory=dict)
+    received: dict[int, list[Meta]] = field(default_factory=dict)
+    """Leaves of the messages handed out, by tag, for answering them (:meth:`Transport.send`)."""
+    pump: threading.Thread | None = None
 
 
 class Transport:
@@ -148,10 +234,10 @@ class Transport:
         self.timeout = float(timeout)
         self.match_by_order = match_by_order
         self._pending: list[tuple[dist.Work, list[torch.Tensor], int, str]] = []
-        self._poll = dist.get_backend(groups.pipeline_group) != "gloo"
-        self._queue: dict[int, deque[tuple[int, str]]] = {}
-        self._inflight: dict[int, deque[_Incoming]] = {}
-        self._done: dict[int, dict[int, Any]] = {}
+        self._gloo = dist.get_backend(groups.pipeline_group) == "gloo"
+        self._channels: dict[int, _Channel] = {}
+        self._awaiting: dict[tuple[int, int], _Incoming] = {}
+        """Answers announced by :meth:`expect`, by (peer, tag of the request they answer)."""
 
     # ---- addressing -------------------------------------------------------------------------
     def _peer(self, pipeline_rank: int) -> int:
@@ -171,16 +257,23 @@ class Transport:
         return sub
 
     # ---- sending ----------------------------------------------------------------------------
-    def send(self, tree: Any, dst: int, tag: int, *, what: str) -> None:
+    def send(self, tree: Any, dst: int, tag: int, *, what: str, answers: int | None = None) -> None:
         """Post the sends of ``tree`` to pipeline rank ``dst`` and return at once.
 
         Tensors are sent detached; ``requires_grad`` travels in the header so the receiver can
         make its copy a leaf of its own graph. ``what`` (the consuming op) names the message in errors.
+        ``answers``: the tag of the message from ``dst`` that this one answers with gradients, one
+        list entry per leaf of it (see :meth:`expect`); ``dst`` has posted its receives already.
         """
         leaves, spec = pytree.tree_flatten(tree)
         if len(leaves) > PARTS - 2:
             raise ValueError(f"{what}: {len(leaves)} tensors cross the stage but at most {PARTS - 2} may")
         header = _encode_header(tag, spec, leaves)
+        slots = None if answers is None else _answer_slots(self._request_of(dst, answers, what))
+        if slots is None:
+            payload = [leaf.detach().contiguous() for leaf in leaves if leaf is not None and leaf.numel() > 0]
+        else:
+            payload = _answer_payload(leaves, spec, slots, self.device, what)
         group, peer = self.groups.channels[(self.groups.pipeline_rank, dst)], self._peer(dst)
         first = torch.zeros(HEADER_SLOTS, dtype=torch.int64)
         head = torch.tensor(header, dtype=torch.int64)
@@ -188,13 +281,24 @@ class Transport:
         bufs = [first.to(self.device)]
         if len(header) > HEADER_SLOTS:
             bufs.append(head[HEADER_SLOTS:].to(self.device))
-        for leaf in leaves:
-            if leaf is not None and leaf.numel() > 0:
-                bufs.append(leaf.detach().contiguous())
-        for part, buf in enumerate(bufs):
+        for part, buf in enumerate(bufs + payload):
             sub = self._sub_tag(tag, part)
             self._pending.append((dist.isend(buf, dst=peer, group=group, tag=sub), [buf], dst, what))
+        answer = self._awaiting.pop((dst, tag), None)
+        if answer is not None:
+            answer.request = [_meta(leaf) for leaf in leaves]
+            answer.request_sent.set()
         self._prune()
+
+    def _request_of(self, dst: int, tag: int, what: str) -> list[Meta]:
+        """The leaves of message ``tag`` received from ``dst``, which ``what`` answers."""
+        chan = self._channels.get(dst)
+        if chan is None or tag not in chan.received:
+            raise RuntimeError(
+                f"rank {self.groups.rank}: {what} answers message {tag} from {self._describe(dst)}, "
+                "which this rank has not received"
+            )
+        return chan.received.pop(tag)
 
     def _prune(self) -> None:
         """Drop the buffers of completed sends so memory follows the schedule, not the step."""
@@ -208,54 +312,78 @@ class Transport:
             self._wait(work, deadline, dst, what, sending=True)
 
     # ---- receiving --------------------------------------------------------------------------
-    def expect(self, src: int, messages: Iterable[tuple[int, str]]) -> None:
-        """Announce the messages ``(tag, what)`` that ``src`` will send, in its posting order.
+    def expect(self, src: int, messages: Iterable[tuple[int, str, int | None]]) -> None:
+        """Announce the messages ``(tag, what, answers)`` that ``src`` will send, in its posting order.
 
-        The first header receive is posted at once and every later one as soon as the previous
-        message's payload receives are posted, so transfers progress while this rank computes
-        (see :meth:`poll`) and the receive order on the channel is the sender's order.
+        Their header receives are posted one after the other, each once the previous message's
+        payload receives are posted, so the receive order on the channel is the sender's order.
+        With gloo a thread of its own runs this for ``src`` from now on: gloo's tcp transport
+        moves a payload only once its receive is posted, so posting it as soon as the header is
+        in, rather than when the consuming op comes, saves a round trip between busy ranks per
+        message. Otherwise it progresses between ops (:meth:`poll`) and in :meth:`recv`.
+
+        ``answers`` (or None) is the tag of a message this rank sends to ``src`` that this one
+        answers with its gradients: a flat list with, per leaf of that request, a tensor of the
+        leaf's dtype and shape where it requires grad, else None (``send(..., answers=)`` on the
+        other end). Such a message's receives are all posted as soon as the request is sent, so
+        the peer's sends go out at once instead of waiting for a round trip.
         """
-        self._queue[src] = deque(messages)
-        self._inflight.setdefault(src, deque())
-        self._done.setdefault(src, {})
-        if not self._inflight[src]:
-            self._post_next(src)
+        announced = [_Incoming(tag, what, answers) for tag, what, answers in messages]
+        chan = _Channel(deque(announced), deque(announced))
+        self._channels[src] = chan
+        self._awaiting.update({(src, m.answers): m for m in announced if m.answers is not None})
+        if self._gloo and announced:
+            chan.pump = threading.Thread(
+                target=self._pump, args=(src, chan), name=f"bigmac-recv-{src}", daemon=True
+            )
+            chan.pump.start()
 
-    def _post_next(self, src: int) -> None:
-        queue = self._queue.get(src)
-        if queue:
-            tag, what = queue.popleft()
-            msg = _Incoming(tag, what, torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device))
-            msg.works = [self._irecv(msg.buf, src, tag, 0)]
-            self._inflight[src].append(msg)
+    def _pump(self, src: int, chan: _Channel) -> None:
+        """Thread body: every header phase of ``chan`` in order, each wait bounded by the timeout.
 
-    def _irecv(self, buf: torch.Tensor, src: int, tag: int, part: int) -> dist.Work:
-        group = self.groups.channels[(src, self.groups.pipeline_rank)]
-        return dist.irecv(buf, src=self._peer(src), group=group, tag=self._sub_tag(tag, part))
+        An error stops it and goes to the message it happened on, for :meth:`recv` to raise.
+        """
+        try:
+            while chan.unready:
+                self._advance_headers(src, chan, time.monotonic() + self.timeout)
+        except BaseException as err:
+            chan.unready[0].error = err
+            chan.unready[0].ready.set()
 
-    def _advance(self, src: int, msg: _Incoming, deadline: float | None, needed: str) -> bool:
-        """Move ``msg`` one stage on if its pending receives are done (waiting for them when
-        ``deadline`` is given); returns whether it moved."""
-        what = msg.what if msg.what == needed else f"{msg.what} (read before {needed})"
-        for work in msg.works:
-            if deadline is None and not work.is_completed():
-                return False
-            self._wait(work, time.monotonic() + 1.0 if deadline is None else deadline, src, what)
-        if msg.stage == "payload":
-            for leaf, meta in zip(msg.leaves, msg.metas, strict=True):
-                if leaf is not None and meta[1]:
-                    leaf.requires_grad_(True)
-            self._inflight[src].remove(msg)
-            self._done[src][msg.tag] = pytree.tree_unflatten(msg.leaves, msg.spec)
-            return True
-        if msg.stage == "header":
-            msg.header = msg.buf.tolist()
-            if msg.header[1] != msg.tag:
-                raise RuntimeError(
-                    f"rank {self.groups.rank}: expected message {msg.tag} ({what}) from "
-                    f"{self._describe(src)} but got {msg.header[1]}: sender and receiver disagree on "
-                    "the message order"
+    def _advance_headers(self, src: int, chan: _Channel, deadline: float | None) -> None:
+        """Run ``chan``'s header phases in order: without waiting (``deadline`` None) as far as
+        completed receives allow, else until the first unready message is ready."""
+        while chan.unready:
+            msg = chan.unready[0]
+            if not self._header_step(src, msg, deadline):
+                return
+            if msg.stage == "payload":
+                chan.unready.popleft()
+                msg.ready.set()
+                if deadline is not None:
+                    return
+
+    def _header_step(self, src: int, msg: _Incoming, deadline: float | None) -> bool:
+        """Move ``msg``'s header phase one stage on, waiting for its receive (or, for an answer,
+        its request) only when ``deadline`` is given; returns whether it moved."""
+        if msg.stage == "queued":
+            if msg.answers is not None:
+                if not self._request_sent(src, msg, deadline):
+                    return False
+                msg.slots = _answer_slots(msg.request)
+            msg.stage, msg.buf = "header", torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
+            msg.works = [self._irecv(msg.buf, src, msg.tag, 0)]
+            if msg.slots is not None:
+                self._post_leaves(
+                    src, msg, [None if s is None else (s[0], False, s[1]) for s in msg.slots], 1
                 )
+            return True
+        work = msg.works[0]
+        if deadline is None and not work.is_completed():
+            return False
+        self._wait(work, time.monotonic() + 1.0 if deadline is None else deadline, src, msg.what)
+        if msg.stage == "header":
+            self._read_header(src, msg)
             if msg.header[0] > HEADER_SLOTS:
                 msg.stage = "rest"
                 msg.buf = torch.empty(msg.header[0] - HEADER_SLOTS, dtype=torch.int64, device=self.device)
@@ -264,23 +392,51 @@ class Transport:
         else:
             msg.header += msg.buf.tolist()
         msg.spec, msg.metas = _decode_header(msg.header[: msg.header[0]])
-        part = 2 if msg.stage == "rest" else 1
-        msg.stage, msg.works, msg.leaves = "payload", [], []
-        for meta in msg.metas:
+        msg.works = []
+        self._post_leaves(src, msg, msg.metas, 2 if msg.stage == "rest" else 1)
+        return True
+
+    def _request_sent(self, src: int, msg: _Incoming, deadline: float | None) -> bool:
+        """Whether this rank has sent the request ``msg`` answers, waiting for it until ``deadline``."""
+        if deadline is None or msg.request_sent.is_set():
+            return msg.request_sent.is_set()
+        if not msg.request_sent.wait(max(deadline - time.monotonic(), 0.0)):
+            raise RuntimeError(
+                f"rank {self.groups.rank}: the message {msg.what} answers was not sent to "
+                f"{self._describe(src)} within {self.timeout:g}s"
+            )
+        return True
+
+    def _read_header(self, src: int, msg: _Incoming) -> None:
+        msg.header = msg.buf.tolist()
+        if msg.header[1] != msg.tag:
+            raise RuntimeError(
+                f"rank {self.groups.rank}: expected message {msg.tag} ({msg.what}) from "
+                f"{self._describe(src)} but got {msg.header[1]}: sender and receiver disagree on "
+                "the message order"
+            )
+
+    def _post_leaves(self, src: int, msg: _Incoming, metas: list[Meta], part: int) -> None:
+        """Allocate the leaves ``metas`` describe, post a receive for each non-empty one (sub-messages
+        from ``part`` on) and end the header phase."""
+        msg.stage, msg.leaves = "payload", []
+        for meta in metas:
             leaf = None if meta is None else torch.empty(meta[2], dtype=meta[0], device=self.device)
             if leaf is not None and leaf.numel() > 0:
                 msg.works.append(self._irecv(leaf, src, msg.tag, part))
                 part += 1
             msg.leaves.append(leaf)
-        self._post_next(src)
-        return True
+
+    def _irecv(self, buf: torch.Tensor, src: int, tag: int, part: int) -> dist.Work:
+        group = self.groups.channels[(src, self.groups.pipeline_rank)]
+        return dist.irecv(buf, src=self._peer(src), group=group, tag=self._sub_tag(tag, part))
 
     def poll(self) -> None:
-        """Progress every incoming message as far as possible without blocking (call between ops)."""
-        for src, inflight in self._inflight.items():
-            for msg in list(inflight):
-                while msg in inflight and self._advance(src, msg, None, msg.what):
-                    pass
+        """Progress the header phases the compute thread runs as far as possible without blocking
+        (call between ops)."""
+        for src, chan in self._channels.items():
+            if chan.pump is None:
+                self._advance_headers(src, chan, None)
         self._prune()
 
     def recv(self, src: int, tag: int, *, what: str) -> Any:
@@ -291,24 +447,50 @@ class Transport:
         requiring grad.
         """
         deadline = time.monotonic() + self.timeout
-        done = self._done.setdefault(src, {})
-        while tag not in done:
-            inflight = self._inflight.get(src)
-            if not inflight:
+        chan = self._channels.get(src)
+        while chan is None or tag not in chan.done:
+            if chan is None or not chan.messages:
                 raise RuntimeError(
                     f"rank {self.groups.rank}: {what} waits for message {tag} from {self._describe(src)} "
                     "that was never announced with expect()"
                 )
-            self._advance(src, inflight[0], deadline, what)
-        return done.pop(tag)
+            self._take(src, chan, deadline, what)
+        return chan.done.pop(tag)
+
+    def _take(self, src: int, chan: _Channel, deadline: float, needed: str) -> None:
+        """Receive ``chan``'s oldest message completely, into ``chan.done``."""
+        msg = chan.messages[0]
+        what = msg.what if msg.what == needed else f"{msg.what} (read before {needed})"
+        if chan.pump is None:
+            while not msg.ready.is_set():
+                self._advance_headers(src, chan, deadline)
+        elif not msg.ready.wait(max(deadline - time.monotonic(), 0.0)):
+            raise self._timed_out(src, what, sending=False)
+        if msg.error is not None:
+            raise msg.error
+        for work in msg.works:
+            self._wait(work, deadline, src, what)
+        if msg.slots is not None:
+            self._read_answer(src, msg)
+        for leaf, meta in zip(msg.leaves, msg.metas, strict=True):
+            if leaf is not None and meta[1]:
+                leaf.requires_grad_(True)
+        chan.messages.popleft()
+        chan.received[msg.tag] = msg.metas
+        chan.done[msg.tag] = pytree.tree_unflatten(msg.leaves, msg.spec)
+
+    def _read_answer(self, src: int, msg: _Incoming) -> None:
+        """Decode an answer's header, which came with its payload, and drop the placeholders of
+        the None entries (see :func:`_answer_payload`)."""
+        self._read_header(src, msg)
+        msg.spec, msg.metas = _decode_header(msg.header[: msg.header[0]])
+        msg.leaves = [
+            None if meta is None else leaf for leaf, meta in zip(msg.leaves, msg.metas, strict=True)
+        ]
 
     def idle(self) -> bool:
         """Whether every announced message was received and handed out."""
-        return (
-            not any(self._queue.values())
-            and not any(self._inflight.values())
-            and not any(self._done.values())
-        )
+        return not any(chan.messages or chan.done for chan in self._channels.values())
 
     # ---- waiting ----------------------------------------------------------------------------
     def _wait(self, work: dist.Work, deadline: float, peer: int, what: str, sending: bool = False) -> None:
@@ -317,10 +499,9 @@ class Transport:
         Gloo's ``Work.wait(timeout)`` honours the timeout. NCCL's ``wait`` only orders streams, so
         for it the host polls ``is_completed`` against the deadline.
         """
-        me, who = self.groups.rank, self._describe(peer)
         remaining = deadline - time.monotonic()
         try:
-            if self._poll:
+            if not self._gloo:
                 while not work.is_completed():
                     if time.monotonic() > deadline:
                         raise TimeoutError
@@ -329,12 +510,17 @@ class Transport:
         except Exception as err:
             text = str(err)
             if isinstance(err, TimeoutError) or "Timed out" in text or "timed out" in text:
-                problem = f"{who} did not take" if sending else f"no message from {who} for"
-                raise PeerError(
-                    f"rank {me}: {problem} {what} within {self.timeout:g}s (peer lost?)"
-                ) from None
+                raise self._timed_out(peer, what, sending) from None
             doing = "sending" if sending else "waiting for"
-            raise PeerError(f"rank {me}: lost {who} while {doing} {what}: {text.splitlines()[0]}") from err
+            raise PeerError(
+                f"rank {self.groups.rank}: lost {self._describe(peer)} while {doing} {what}: "
+                f"{text.splitlines()[0]}"
+            ) from err
+
+    def _timed_out(self, peer: int, what: str, sending: bool) -> PeerError:
+        who = self._describe(peer)
+        problem = f"{who} did not take" if sending else f"no message from {who} for"
+        return PeerError(f"rank {self.groups.rank}: {problem} {what} within {self.timeout:g}s (peer lost?)")
 
     # ---- set-up --------------------------------------------------------------------------
     def connect(self) -> None:
@@ -352,5 +538,5 @@ class Transport:
                         self.send(None, dst, 0, what="connect")
                         self.flush()
                     else:
-                        self.expect(src, [(0, "connect")])
+                        self.expect(src, [(0, "connect", None)])
                         self.recv(src, 0, what="connect")

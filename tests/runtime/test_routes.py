@@ -57,3 +57,21 @@ def test_messages_cover_every_transfer_once_in_sender_order(plan) -> None:
             assert [pos[m.producer] for m in sent] == sorted(pos[m.producer] for m in sent)
     for m in received:
         assert (m.consumer.kind in LLM_KINDS) or m.consumer.kind in ("EB", "G")
+
+
+@pytest.mark.parametrize("plan", list(_plans()), ids=lambda p: f"{p.schedule}-P{p.pp}V{p.vpp}-enc{p.encoder}")
+def test_every_gradient_message_answers_the_forward_message_it_returns(plan) -> None:
+    routes = Routes(plan)
+    for src in range(plan.pp):
+        for dst in range(plan.pp):
+            if src == dst:
+                continue
+            for msg in routes.from_peer(src, dst):
+                request = routes.request(msg)
+                if msg.consumer.kind in ("B", "EB"):  # gradients travel back to the forward's sender
+                    assert request is not None, msg
+                    assert (request.src, request.dst) == (dst, src)
+                    assert request.consumer.microbatch == msg.producer.microbatch
+                    assert request in routes.from_peer(dst, src)
+                else:
+                    assert request is None, msg

@@ -9,7 +9,13 @@ from torch.utils import _pytree as pytree
 
 from lightning_bigmac.runtime import PipelineParts
 from lightning_bigmac.runtime.grad_sync import buckets
-from lightning_bigmac.runtime.transfer import HEADER_SLOTS, _decode_header, _encode_header
+from lightning_bigmac.runtime.transfer import (
+    HEADER_SLOTS,
+    _answer_payload,
+    _answer_slots,
+    _decode_header,
+    _encode_header,
+)
 
 
 def test_header_round_trips_structure_shapes_dtypes_and_grad_flags() -> None:
@@ -75,3 +81,21 @@ def test_rank_layout_keeps_pipelines_contiguous() -> None:
 
     assert layout(2, 2) == {"pipelines": [[0, 1], [2, 3]], "data_parallel": [[0, 2], [1, 3]]}
     assert [global_rank(p, 1, 4) for p in range(4)] == [4, 5, 6, 7]
+
+
+def test_answers_follow_their_request_and_stand_in_for_unused_inputs() -> None:
+    request = [(torch.float32, True, [3, 4]), None, (torch.int64, False, [2]), (torch.bfloat16, True, [0])]
+    slots = _answer_slots(request)
+    assert slots == [(torch.float32, [3, 4]), None, None, (torch.bfloat16, [0])]
+    grad = torch.ones(3, 4)
+    leaves, spec = pytree.tree_flatten([grad, None, None, torch.zeros(0, dtype=torch.bfloat16)])
+    assert _answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")[0].equal(grad)
+    leaves, spec = pytree.tree_flatten([None, None, None, None])  # an input its stage did not use
+    (placeholder,) = _answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")
+    assert placeholder.shape == (3, 4) and not placeholder.any()
+    for bad in ([grad.double(), None, None, None], [grad, grad, None, None], (grad, None, None, None)):
+        leaves, spec = pytree.tree_flatten(bad)
+        with pytest.raises(ValueError, match=r"B0\.1"):
+            _answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")
+    # an answer whose header might not fit one message goes the ordinary way
+    assert _answer_slots([(torch.float32, True, [1] * 8)] * 40) is None
