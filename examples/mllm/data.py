@@ -58,6 +58,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
 from balancer import (
     BalancedBatchSampler,
@@ -341,7 +342,9 @@ def build_shards(data: DataConfig, source: str, split: str, model: ModelConfig) 
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         writer = None
-        for i, record in enumerate(records(source, data.seed, split, count)):
+        progress = tqdm(records(source, data.seed, split, count), total=count, unit="sample",
+                        desc=f"generating {source}-{split}", disable=count < 1000, leave=False)  # fmt: skip
+        for i, record in enumerate(progress):
             if i % data.samples_per_shard == 0:
                 if writer is not None:
                     writer.close()
