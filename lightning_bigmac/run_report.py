@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .checkpoint import consolidate
 from .contract import Microbatches
+from .schedule.pictures import figure
 from .strategy import BigMacStrategy
 
 __all__ = ["RunReport", "count_samples"]
@@ -161,10 +162,8 @@ class RunReport(pl.Callback):
 
 def draw_curves(train_loss: list[tuple[int, float]], val: list[dict[str, float]], path: Path) -> Path:
     """Training loss per step (left) and each validation metric over steps (right)."""
-    from .schedule.pictures import _pyplot
-
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig = figure(figsize=(12, 4))
+    left, right = fig.subplots(1, 2)
     if train_loss:
         steps, losses = zip(*train_loss, strict=True)
         left.plot(steps, losses, lw=0.8, alpha=0.5, label="train loss (step)")
@@ -185,5 +184,4 @@ def draw_curves(train_loss: list[tuple[int, float]], val: list[dict[str, float]]
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -1,20 +1,23 @@
 """Pictures of a simulated (or profiled) step: a Gantt chart like the paper's figure and live memory.
 
-Matplotlib is imported lazily with the non-interactive Agg backend, so planning never needs a
-display and importing the schedule package stays cheap.
+Matplotlib is imported lazily and used through ``Figure`` objects only, never ``pyplot``: planning
+needs no display, importing the schedule package stays cheap, and a notebook's own backend and
+open figures are left alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .plan import EB, EF, MODULES, B, F, G
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from .simulate import Simulation
 
-__all__ = ["draw_gantt", "draw_memory", "op_color"]
+__all__ = ["draw_gantt", "draw_memory", "figure", "op_color"]
 
 # The paper's palette: encoder yellow/orange, LLM forwards blue and backwards green (darker for
 # later chunks), generator red.
@@ -33,13 +36,11 @@ def op_color(kind: str, chunk: int) -> str:
     return _FIXED[kind]
 
 
-def _pyplot():
-    import matplotlib
+def figure(**kwargs: Any) -> Figure:
+    """A matplotlib ``Figure`` detached from ``pyplot`` (``savefig`` renders it with Agg)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _windows(sim: Simulation) -> list[tuple[float, float, str]]:
@@ -54,14 +55,12 @@ def _windows(sim: Simulation) -> list[tuple[float, float, str]]:
 def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> Path:
     """Write a Gantt chart (PNG, SVG or PDF by the file suffix): one row per rank, op cells labelled
     with their microbatch. Long steps are drawn as two panels, the start and the end, as in the paper."""
-    plt = _pyplot()
     from matplotlib.patches import Patch
 
     plan = sim.plan
     windows = _windows(sim)
-    fig, axes = plt.subplots(
-        len(windows), 1, figsize=(18, 0.55 * plan.pp * len(windows) + 1.6), squeeze=False
-    )
+    fig = figure(figsize=(18, 0.55 * plan.pp * len(windows) + 1.6))
+    axes = fig.subplots(len(windows), 1, squeeze=False)
     for ax, (lo, hi, label) in zip(axes[:, 0], windows, strict=True):
         width_per_unit = 18 * 72 / max(hi - lo, 1e-12)  # points per time unit, for label fitting
         for row in sim.intervals:
@@ -114,17 +113,14 @@ def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> P
     fig.tight_layout(rect=(0, 0, 1, top - 0.03))
     path = Path(path)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 
 
 def draw_memory(sim: Simulation, path: str | Path, title: str | None = None) -> Path:
     """Write live activations over time, one panel per module with work, one line per rank."""
-    plt = _pyplot()
     modules = [m for m in MODULES if any(sim.peak_live[m])]
-    fig, axes = plt.subplots(
-        len(modules), 1, figsize=(10, 2.3 * len(modules) + 0.8), sharex=True, squeeze=False
-    )
+    fig = figure(figsize=(10, 2.3 * len(modules) + 0.8))
+    axes = fig.subplots(len(modules), 1, sharex=True, squeeze=False)
     for ax, module in zip(axes[:, 0], modules, strict=True):
         for rank, (times, counts) in enumerate(sim.live_over_time(module)):
             ax.step(times, counts, where="post", label=f"PP{rank}", lw=1.2)
@@ -137,5 +133,4 @@ def draw_memory(sim: Simulation, path: str | Path, title: str | None = None) -> 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
