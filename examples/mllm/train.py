@@ -5,12 +5,15 @@
         --trainer.strategy.init_args.schedule=megatron                            # another schedule
     python -m examples.mllm.train --config examples/configs/mllm_cpu.yaml \\
         --trainer.strategy=auto --trainer.devices=1                               # one process
+    python -m examples.mllm.train --config examples/configs/mllm_cpu.yaml \\
+        --trainer.max_steps=900 --ckpt_path=runs/mllm/checkpoints/final.ckpt     # resume, 300 more steps
 
 Run from the repository root (``examples`` is imported from there). It is ``LightningCLI`` with one
-addition: the untrained model is validated first, so the run's first validation row is step 0 and
-the summary can say how far validation loss fell. The run folder (``RunReport.dirpath`` in the
-config) then holds checkpoints, consolidated weights, the loss curve, the profiled step's Gantt
-chart and the memory report; the last line printed is a JSON summary.
+addition: the untrained model is validated first (unless ``--ckpt_path`` resumes a run), so the
+run's first validation row is step 0 and the summary can say how far validation loss fell. The run
+folder (the trainer's ``default_root_dir``) then holds checkpoints, consolidated weights, the loss
+curve, the profiled step's Gantt chart and the memory report; the last line printed is a JSON
+summary.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class ExampleCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.config", "data.model")
+        parser.add_argument(
+            "--ckpt_path", default=None, help="resume from this checkpoint (e.g. checkpoints/final.ckpt)"
+        )
 
 
 def summary(report: RunReport) -> dict[str, Any]:
@@ -52,8 +58,10 @@ def summary(report: RunReport) -> dict[str, Any]:
 def main() -> None:
     cli = ExampleCLI(ExampleMLLM, ExampleDataModule, run=False, save_config_kwargs={"overwrite": True})
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    trainer.validate(model, data, verbose=False)  # step 0: the untrained model's row
-    trainer.fit(model, data)
+    resume = cli.config.get("ckpt_path")
+    if resume is None:
+        trainer.validate(model, data, verbose=False)  # step 0: the untrained model's row
+    trainer.fit(model, data, ckpt_path=resume)
     report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
     if trainer.is_global_zero and report is not None and report.val:
         figures = summary(report)

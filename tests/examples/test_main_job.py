@@ -65,18 +65,23 @@ def test_cli_links_the_model_geometry_into_the_data_module() -> None:
     assert cli.model.config.patch_size == 4
 
 
-@pytest.mark.slow
-def test_main_job_fills_the_run_folder(tmp_path: Path, data_root: str) -> None:
-    run = tmp_path / "run"
+def _main_job(run: Path, data_root: str, *extra: str) -> dict:
+    """The README's main job on a tiny data cache; returns its JSON summary (the last line)."""
     cmd = [
         sys.executable, "-m", "examples.mllm.train", "--config", str(CONFIGS / "mllm_cpu.yaml"),
-        "--trainer.max_steps=12", "--trainer.val_check_interval=6", f"--trainer.default_root_dir={run}",
+        "--trainer.val_check_interval=6", f"--trainer.default_root_dir={run}",
         f"--data.config.root={data_root}", "--data.config.train_samples=120", "--data.config.val_samples=16",
-        "--data.config.samples_per_shard=20",
+        "--data.config.samples_per_shard=20", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_main_job_fills_the_run_folder_and_resumes(tmp_path: Path, data_root: str) -> None:
+    run = tmp_path / "run"
+    summary = _main_job(run, data_root, "--trainer.max_steps=12")
     assert summary["steps"] == 12
     assert summary["val_loss_last"] < summary["val_loss_first"]  # 12 steps already lower the loss
     assert summary == json.loads((run / "summary.json").read_text())
@@ -99,3 +104,12 @@ def test_main_job_fills_the_run_folder(tmp_path: Path, data_root: str) -> None:
     assert [v["step"] for v in metrics["val"]] == [0, 6, 12]
     model = ExampleMLLM.load_from_checkpoint(run / "consolidated.ckpt")  # one process, every stage
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    # --ckpt_path resumes from the sharded final checkpoint: no step-0 validation, steps 13..18
+    resumed = _main_job(
+        run, data_root, "--trainer.max_steps=18", f"--ckpt_path={run / 'checkpoints' / 'final.ckpt'}"
+    )
+    assert resumed["steps"] == 18
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [s for s, _ in metrics["train_loss"]] == list(range(13, 19))
+    assert [v["step"] for v in metrics["val"]] == [18]
