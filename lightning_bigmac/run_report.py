@@ -62,6 +62,9 @@ class RunReport(pl.Callback):
         samples_fn: counts the samples of one replica's batch (default :func:`count_samples`);
             samples/s multiplies it by the number of data-parallel replicas.
         window: steps averaged for the samples/s shown in the progress bar.
+
+    The records (losses, validation rows, samples) cover this process's run: a run resumed with
+    ``ckpt_path`` starts a new ``metrics.json`` from the resumed step.
     """
 
     def __init__(
