@@ -14,7 +14,7 @@ samples for the same number of SGD steps, on ``pp=2`` gloo processes of one thre
 * (c) ``torch_pipelining``: ``torch.distributed.pipelining``'s ``PipelineStage`` and
   ``Schedule1F1B``, stage 0 = encoder + embedding + first half of the blocks (torchtitan's and
   Megatron's layout), on (b)'s microbatches padded to the step's most images and longest text,
-  since its stages need fixed shapes (see ``benchmarks/_torch_pipelining.py``).
+  since its stages need fixed shapes (see ``benchmarks/baselines/torch_pipelining.py``).
 
 Samples: 0-2 images of 48 patches each, 16-64 text tokens, token cap 256 per microbatch, M=8 microbatches per
 step; each step's samples are the ones naive packing fits into M microbatches. A measurement
@@ -69,8 +69,8 @@ from lightning_bigmac.testing.spawn import run
 from lightning_bigmac.testing.tiny_mllm import TinyConfig, TinyMLLM, make_microbatches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, also when imported
-from _torch_pipelining import TorchPipelineSetup
 from balancer_quality import naive_steps
+from baselines.torch_pipelining import TorchPipelineSetup
 from runtime_overhead import EXAMPLE_MODEL
 
 SETUPS = ("bigmac", "megatron", "torch_pipelining")

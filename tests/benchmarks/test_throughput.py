@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks._torch_pipelining import pad_step, stage_modules, step_targets
+from benchmarks.baselines.torch_pipelining import pad_step, stage_modules, step_targets
 from benchmarks.throughput import SETUPS, Data, Workload, measure
 from lightning_bigmac.testing.tiny_mllm import TinyMLLM
 
