@@ -62,9 +62,8 @@ from balancer import BalancerConfig, Coefficients, CostModel, Sample, Term  # no
 from balancer.metrics import schedule_costs  # noqa: E402
 from lightning_bigmac.schedule import CostModel as ScheduleCosts  # noqa: E402
 from lightning_bigmac.schedule import Op, Simulation, build_plan, simulate  # noqa: E402
-from lightning_bigmac.schedule.costs import PROFILE_FORMAT  # noqa: E402
+from lightning_bigmac.schedule.costs import KIND_FIELD, PROFILE_FORMAT  # noqa: E402
 from lightning_bigmac.schedule.pictures import draw_memory  # noqa: E402
-from lightning_bigmac.schedule.plan import EB, EF, B, F, G  # noqa: E402
 
 SCHEDULES = ("bigmac", "ideal", "megatron")
 HEADLINE = (8, 128)
@@ -131,13 +130,6 @@ def median_profile(per_step: Sequence[Sequence[dict]], microbatches: int) -> dic
     return {"format": PROFILE_FORMAT, "pp": 2, "vpp": 1, "microbatches": microbatches, "events": events}
 
 
-_KIND_FIELD = {
-    EF: "encoder_forward",
-    EB: "encoder_backward",
-    F: "llm_forward",
-    B: "llm_backward",
-    G: "generator",
-}
 _FIELD_MODULE = {"encoder_forward": "encoder", "encoder_backward": "encoder", "llm_forward": "llm",
                  "llm_backward": "llm", "generator": "generator"}  # fmt: skip
 
@@ -167,10 +159,10 @@ def fit_terms(
     An LLM microbatch's duration is the sum of its forward (or backward) over every chunk. A kind
     with fewer than two microbatches that have work for it cannot be fitted and costs nothing.
     """
-    durations: dict[str, dict[int, float]] = {name: {} for name in _KIND_FIELD.values()}
+    durations: dict[str, dict[int, float]] = {name: {} for name in KIND_FIELD.values()}
     for ev in profile["events"]:
         op = Op.parse(ev["op"])
-        seen = durations[_KIND_FIELD[op.kind]]
+        seen = durations[KIND_FIELD[op.kind]]
         seen[op.microbatch] = seen.get(op.microbatch, 0.0) + ev["end"] - ev["start"]
     units = [example.units(mb) for mb in microbatches]
     terms = {}

@@ -27,7 +27,8 @@ PerMicrobatch = float | Sequence[float]
 
 PROFILE_FORMAT = "bigmac-profile/1"
 
-_KIND_FIELD = {
+# The cost field of each op kind (the simulator reads it; profiles are grouped by it).
+KIND_FIELD = {
     EF: "encoder_forward",
     EB: "encoder_backward",
     F: "llm_forward",
@@ -74,7 +75,7 @@ class CostModel:
         got = self.measured.get(key)
         if got is not None:
             return got
-        return _at(getattr(self, _KIND_FIELD[op.kind]), op.microbatch)
+        return _at(getattr(self, KIND_FIELD[op.kind]), op.microbatch)
 
     def activation_bytes(self, op: Op) -> float | None:
         """Bytes of activations that ``op``'s module keeps for microbatch ``op.microbatch``."""
@@ -121,7 +122,7 @@ class CostModel:
             d = float(ev["end"]) - float(ev["start"])
             measured[f"{ev['rank']}:{op}" if op.kind in (F, B) else str(op)] = d
             per_kind.setdefault(op.kind, []).append(d)
-        means = {_KIND_FIELD[k]: statistics.fmean(v) for k, v in per_kind.items()}
+        means = {KIND_FIELD[k]: statistics.fmean(v) for k, v in per_kind.items()}
         return cls(**means, latency=float(data.get("latency", 0.0)), measured=measured)
 
     @classmethod
