@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .runtime.profiler import OpEvent, chrome_trace, cost_profile, measured_simulation
@@ -42,7 +43,7 @@ class StepProfile:
     wall: float
     """Seconds from the step's start to its return on pipeline rank 0 (gradient sync included)."""
 
-    @property
+    @cached_property
     def simulation(self) -> Simulation:
         """The measured step as a :class:`Simulation` (times in seconds)."""
         return measured_simulation(self.plan, self.events)
