@@ -1,17 +1,21 @@
 """The pipeline runtime's overhead and the profile -> simulate prediction error, on 2 processes.
 
-    python benchmarks/runtime_overhead.py [--schedule bigmac] [--microbatches 32] [--steps 5]
+    python benchmarks/runtime_overhead.py [--schedule bigmac] [--microbatches 32] [--steps 8]
+                                          [--data balanced|random]
 
 Runs real steps of an example-sized tiny MLLM (``EXAMPLE_MODEL``: 8 LLM blocks of width 256,
-a 2-block encoder, images of 16 patches, 32-96 text tokens) on ``pp=2`` gloo processes, with
-M = 32 microbatches per step by default (``--microbatches``): at M = 16 the schedule's own fill
-and drain already cost 10% at P = 2, at M = 32 about 5%, which leaves the runtime's share
-visible. Per step it reports:
+a 2-block encoder, images of 16 patches, sequences up to 160 positions) on ``pp=2`` gloo
+processes, with M = 32 microbatches per step by default (``--microbatches``). The step's data is
+what training feeds the runtime: random samples (0-2 images, 4-24 text tokens) packed by the
+balancer into microbatches of even LLM length, with its encoder/generator owners
+(``--data balanced``); ``--data random`` gives unpacked microbatches of 32-96 tokens and 0-3
+images with round-robin owners instead, where the schedule's own stalls add several percent.
+Per step it reports:
 
-* overhead: step wall time (``executor.step`` call to return on rank 0, gradient sync included)
-  over the sum of op compute times on the busiest rank. This includes the schedule's own
-  pipeline bubbles, so it is >= 1 even for a perfect runtime; ``wall / simulated`` separates
-  the runtime's share (transfers, Python, sync) from the schedule's.
+* overhead: step wall time (from the profiler's start barrier to ``executor.step``'s return on
+  rank 0, gradient sync included) over the sum of op compute times on the busiest rank. This
+  includes the schedule's own pipeline bubbles, so it is >= 1 even for a perfect runtime;
+  ``wall / simulated`` separates the runtime's share (transfers, Python, sync) from the schedule's.
 * schedule alone: the simulated step with zero transfer latency over the busiest rank's busy
   time, i.e. the overhead a runtime with free transfers would show for this plan and these op
   times;
@@ -28,8 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import statistics
 
+from balancer import BalancerConfig, Coefficients, Geometry, Sample, Term, pack
+from balancer import CostModel as SampleCosts
 from lightning_bigmac.runtime import cost_profile
 from lightning_bigmac.schedule import CostModel, Plan, simulate
 from lightning_bigmac.testing.scenarios import run_cases
@@ -44,13 +51,49 @@ EXAMPLE_MODEL = {
     "patch_dim": 48,
     "max_len": 160,
 }
+SAMPLE_COSTS = SampleCosts(
+    # a 16x16-pixel image is the tiny model's 16 patches, 16 LLM positions and 16 generated patches
+    geometry=Geometry(patch_size=4, merge=1, temporal_patch=1, latent_patch=4),
+    # FLOPs relative to one LLM position forward (8 blocks): an encoder patch runs 2 blocks, a
+    # generated patch a small MLP; backward twice the forward
+    coefficients=Coefficients(
+        encoder_forward=Term(linear=0.25),
+        encoder_backward=Term(linear=0.5),
+        llm_forward=Term(linear=1.0),
+        llm_backward=Term(linear=2.0),
+        generator=Term(linear=0.11),
+    ),
+)
+
+
+def balanced_step(pp: int, microbatches: int, token_cap: int, seed: int = 0) -> tuple[list, list[int]]:
+    """One step of random samples packed by the balancer: ``(images, text tokens)`` per microbatch
+    (the tiny model's microbatch sizes) and the owner of each, in execution order."""
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    tokens = 0
+    while tokens < 0.9 * microbatches * token_cap:  # the balancer's default fill
+        images = ((16, 16),) * rng.choices((0, 1, 2), weights=(0.4, 0.45, 0.15))[0]
+        sample = Sample(key=f"s{len(samples)}", text_tokens=rng.randint(4, 24), images=images, outputs=images)
+        samples.append(sample)
+        tokens += SAMPLE_COSTS.cost(sample).tokens
+    config = BalancerConfig(
+        pipeline_size=pp, microbatches=microbatches, token_cap=token_cap, cost_model=SAMPLE_COSTS
+    )
+    (step,) = pack([SAMPLE_COSTS.cost(s) for s in samples], config).replicas
+    sizes = [
+        (sum(len(samples[i].images) for i in mb), sum(samples[i].text_tokens for i in mb))
+        for mb in step.microbatches
+    ]
+    return sizes, list(step.owners)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schedule", default="bigmac")
     parser.add_argument("--microbatches", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--data", choices=("balanced", "random"), default="balanced")
     args = parser.parse_args()
 
     case = {
@@ -61,6 +104,10 @@ def main() -> None:
         "model": EXAMPLE_MODEL,
         "steps": args.steps,
     }
+    if args.data == "balanced":
+        case["sizes"], owners = balanced_step(2, args.microbatches, EXAMPLE_MODEL["max_len"])
+        if args.schedule in ("ideal", "bigmac"):
+            case["owners"] = owners
     got = run(run_cases, 2, 2, 1, 1, [case], timeout=120.0)[0][0]
     plan = Plan.from_dict(got["plan"])
     rows = []
@@ -91,7 +138,8 @@ def main() -> None:
         )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(
-        f"{args.schedule} pp=2 microbatches={args.microbatches}: median overhead {med['overhead']:.3f} "
+        f"{args.schedule} pp=2 microbatches={args.microbatches} ({args.data} data): "
+        f"median overhead {med['overhead']:.3f} "
         f"(target <= 1.10), wall/simulated {med['wall_over_sim']:.3f}, sim error {med['sim_error']:.3f} "
         f"over {len(rows)} steps"
     )

@@ -358,7 +358,7 @@ class BigMacStrategy(ParallelStrategy):
     def _profiled_step(self, plan: Plan, microbatches: list[Any]) -> StepResult:
         ex, groups = self.executor, self.groups
         assert ex is not None and groups is not None
-        ex.profiler, ex.memory = OpProfiler(ex.rank), ActivationMeter(ex.parameters())
+        ex.profiler, ex.memory = OpProfiler(ex.rank, ex.device), ActivationMeter(ex.parameters())
         try:
             start = time.perf_counter()
             result = ex.step(plan, microbatches)

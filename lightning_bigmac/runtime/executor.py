@@ -155,7 +155,7 @@ class PipelineExecutor:
         self.transport = Transport(groups, device=self.device, timeout=timeout, match_by_order=match_by_order)
         self.transport.connect()
         self.memory = ActivationMeter(self.parameters()) if measure_memory else None
-        self.profiler = OpProfiler(self.rank) if profile else None
+        self.profiler = OpProfiler(self.rank, self.device) if profile else None
         self._routes: dict[int, Routes] = {}
 
     # ---- parameters -------------------------------------------------------------------------

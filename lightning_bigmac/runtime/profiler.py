@@ -4,7 +4,9 @@ Each op's compute (after its inputs arrived, before its outputs are posted) is t
 ``time.perf_counter`` and wrapped in a ``torch.profiler.record_function`` range named after the
 op string, so a ``torch.profiler`` trace of the same step shows the same names. Clocks are
 normalised per step: the pipeline meets at a barrier and each rank measures from the moment it
-leaves it (skew: one barrier exit, ~0.1 ms on gloo).
+leaves it. Ranks leave a barrier up to milliseconds apart on busy hosts, as long as a transfer,
+so :meth:`OpProfiler.gather` then measures each rank's clock against the gathering rank's with a
+few round trips (the offset of the fastest one, as NTP does) and shifts its events by it.
 
 Exports, both built on pipeline rank 0 from every rank's events:
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
@@ -56,8 +60,10 @@ class OpEvent:
 class OpProfiler:
     """Collects :class:`OpEvent` s for the current step on this rank."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, device: torch.device | str = "cpu"):
         self.rank = rank
+        self.device = torch.device(device)
+        """Where the clock probes live: the rank's GPU with NCCL."""
         self.events: list[OpEvent] = []
         self._t0 = time.perf_counter()
 
@@ -80,13 +86,46 @@ class OpProfiler:
             self.events.append(OpEvent(self.rank, name, start, self.now()))
 
     def gather(self, group: dist.ProcessGroup, dst: int) -> list[OpEvent] | None:
-        """Every rank's events on global rank ``dst`` (None elsewhere); collective over ``group``."""
+        """Every rank's events on global rank ``dst`` (None elsewhere), on ``dst``'s clock;
+        collective over ``group``."""
+        offsets = self._clock_offsets(group, dst)
         size = dist.get_world_size(group)
         out: list[Any] | None = [None] * size if dist.get_rank() == dst else None
         dist.gather_object([asdict(e) for e in self.events], out, dst=dst, group=group)
         if out is None:
             return None
-        return [OpEvent(**e) for evs in out for e in evs]
+        events = []
+        for offset, evs in zip(offsets, out, strict=True):
+            events += [OpEvent(e["rank"], e["op"], e["start"] - offset, e["end"] - offset) for e in evs]
+        return events
+
+    def _clock_offsets(self, group: dist.ProcessGroup, dst: int, probes: int = 8) -> list[float]:
+        """Per rank of ``group``, its clock minus ``dst``'s (on ``dst``; zeros elsewhere).
+
+        ``dst`` sends each rank ``probes`` pings; the rank answers with its clock reading. Taking
+        the reading as made at the round trip's midpoint, the fastest round trip bounds the
+        error by half its length (~0.1 ms on gloo).
+        """
+        ranks = dist.get_process_group_ranks(group)
+        offsets = [0.0] * len(ranks)
+        probe = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for i, peer in enumerate(ranks):
+            if peer == dst or dist.get_rank() not in (peer, dst):
+                continue
+            best = math.inf
+            for _ in range(probes):
+                if dist.get_rank() == dst:
+                    sent = self.now()
+                    dist.send(probe, peer, group=group)
+                    dist.recv(probe, peer, group=group)
+                    back = self.now()
+                    if back - sent < best:
+                        best, offsets[i] = back - sent, probe.item() - (sent + back) / 2
+                else:
+                    dist.recv(probe, dst, group=group)
+                    probe.fill_(self.now())
+                    dist.send(probe, dst, group=group)
+        return offsets
 
 
 def chrome_trace(events: Sequence[OpEvent], path: str | Path | None = None) -> dict[str, Any]:
@@ -115,13 +154,14 @@ def chrome_trace(events: Sequence[OpEvent], path: str | Path | None = None) -> d
     return trace
 
 
-def transfer_latency(plan: Plan, events: Sequence[OpEvent], idle: float = 5e-4) -> float:
+def transfer_latency(plan: Plan, events: Sequence[OpEvent]) -> float:
     """Transfer latency as the simulator models it, estimated from one profiled step.
 
-    For every op that started more than ``idle`` seconds after its rank's previous op ended (so
-    it waited), whose last-finishing producer ran on another rank, the delay from that
-    producer's end to the op's start is one sample of what a transfer costs here (header,
-    payload, receive, scheduling). Returns the median sample, 0 when no op waited on a peer.
+    An op whose rank was already idle when its last-finishing producer, on another rank, ended
+    waited for exactly the transfer (header, payload, receive, scheduling): the delay from that
+    producer's end to the op's start is one sample. Ops whose rank was still busy then say only
+    that the transfer took less than their wait, so they are left out. Returns the median
+    sample, 0 when no op waited on a peer.
     """
     flow = DataFlow.of_plan(plan)
     at = {(e.rank, e.op): e for e in events}
@@ -136,7 +176,7 @@ def transfer_latency(plan: Plan, events: Sequence[OpEvent], idle: float = 5e-4) 
         if not srcs:
             continue
         last = max(srcs, key=lambda s: s.end)
-        if last.rank != e.rank and e.start - prev_end.get((e.rank, e.op), 0.0) > idle:
+        if last.rank != e.rank and prev_end.get((e.rank, e.op), 0.0) <= last.end:
             samples.append(e.start - last.end)
     return max(0.0, statistics.median(samples)) if samples else 0.0
 

@@ -62,13 +62,22 @@ class Routes:
 
     def inputs(self, rank: int, op: Op) -> list[Message]:
         """Messages ``op`` on ``rank`` consumes (at most one)."""
-        me = (rank, op)
-        return [self._message(p, me) for p in self.flow.producers(rank, op) if not _kept(p, me)]
+        return self._by_op[0][(rank, op)]
 
     def outputs(self, rank: int, op: Op) -> list[Message]:
         """Messages ``op`` on ``rank`` produces, one per consumer."""
-        me = (rank, op)
-        return [self._message(me, c) for c in self.flow.consumers(rank, op) if not _kept(me, c)]
+        return self._by_op[1][(rank, op)]
+
+    @cached_property
+    def _by_op(self) -> tuple[dict[tuple[int, Op], list[Message]], dict[tuple[int, Op], list[Message]]]:
+        """Inputs and outputs of every op, computed once: the executor asks for them around every op."""
+        inputs, outputs = {}, {}
+        for rank, ops in enumerate(self.plan.ranks):
+            for op in ops:
+                me, flow = (rank, op), self.flow
+                inputs[me] = [self._message(p, me) for p in flow.producers(rank, op) if not _kept(p, me)]
+                outputs[me] = [self._message(me, c) for c in flow.consumers(rank, op) if not _kept(me, c)]
+        return inputs, outputs
 
     def request(self, msg: Message) -> Message | None:
         """The message that ``msg`` answers with gradients, or None.

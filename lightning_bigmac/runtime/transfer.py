@@ -23,19 +23,25 @@ posts ``isend`` and keeps the buffers alive until the work completes. Receives b
 deadline: a peer that died or a message that never comes raises :class:`PeerError` naming the
 peer and the op instead of hanging.
 
+Answers. A message of gradients going back for a message this rank sent (an *answer*, see
+:meth:`Transport.expect`) has no header at all: it holds one tensor per leaf of the message it
+answers that requires grad, with that leaf's dtype and shape, so the receiver knows every size
+the moment it sends the request. A ``None`` gradient (an input its stage did not use) travels as
+zeros, which backward treats exactly like ``None``. Half of all messages thus cost one transfer
+per tensor and no header.
+
 Latency. Gloo's tcp transport sends a payload only once the receiver has posted its receive (a
 round trip otherwise), and on a few shared cores every hop waits for a time slice. So receives
 are posted early, still in the sender's order: every header receive as soon as the previous
 message's payload receives are posted, a payload's receives as soon as its header is in (on a
-receiving thread per peer with gloo), and an *answer* (gradients going back for a message this
-rank sent, see :meth:`Transport.expect`) needs no header first at all: its shapes are those of
-the message it answers, so all its receives are posted when that one is sent. The price is one
-gradient-sized buffer per message in flight, allocated at its request's send.
+receiving thread per peer with gloo), and an answer's receives when its request is sent. The
+price is one gradient-sized buffer per message in flight, allocated at its request's send.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import threading
 import time
@@ -78,11 +84,24 @@ _CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 Meta = tuple[torch.dtype, bool, list[int]] | None
 """What the header says of one leaf: dtype, requires_grad, shape; None for a ``None`` leaf."""
 Slot = tuple[torch.dtype, list[int]] | None
-"""Where an answer may hold a tensor (its dtype and shape); None where it must hold None."""
+"""Where an answer holds a tensor (its dtype and shape); None where it must hold None."""
 
 
 class PeerError(RuntimeError):
     """A message from or to a peer did not complete: the peer died or never sent it in time."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_words(spec: pytree.TreeSpec) -> tuple[int, tuple[int, ...]]:
+    """``spec`` serialised for a header: its byte length and the bytes as int64 words (cached:
+    a step sends the same few structures over and over, and serialising one costs ~50 us)."""
+    raw = pytree.treespec_dumps(spec).encode()
+    return len(raw), tuple(np.frombuffer(raw + b"\0" * (-len(raw) % 8), dtype=np.int64).tolist())
+
+
+@functools.lru_cache(maxsize=1024)
+def _load_spec(raw: bytes) -> pytree.TreeSpec:
+    return pytree.treespec_loads(raw.decode())
 
 
 def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any]) -> list[int]:
@@ -99,9 +118,8 @@ def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any]) -> list[i
         if leaf.dtype not in _CODE:
             raise TypeError(f"dtype {leaf.dtype} cannot cross a pipeline stage; supported: {list(_CODE)}")
         body += [_CODE[leaf.dtype], int(leaf.requires_grad), leaf.dim(), *leaf.shape]
-    raw = pytree.treespec_dumps(spec).encode()
-    words = np.frombuffer(raw + b"\0" * (-len(raw) % 8), dtype=np.int64).tolist()
-    header = [0, tag, len(leaves), len(raw), *body, *words]
+    spec_bytes, words = _spec_words(spec)
+    header = [0, tag, len(leaves), spec_bytes, *body, *words]
     header[0] = len(header)
     return header
 
@@ -119,34 +137,26 @@ def _decode_header(header: list[int]) -> tuple[pytree.TreeSpec, list[Meta]]:
         metas.append((_DTYPES[code], bool(header[pos + 1]), header[pos + 3 : pos + 3 + ndim]))
         pos += 3 + ndim
     raw = np.asarray(header[pos:], dtype=np.int64).tobytes()[:spec_bytes]
-    return pytree.treespec_loads(raw.decode()), metas
+    return _load_spec(raw), metas
 
 
 def _meta(leaf: torch.Tensor | None) -> Meta:
     return None if leaf is None else (leaf.dtype, leaf.requires_grad, list(leaf.shape))
 
 
-def _answer_slots(request: list[Meta]) -> list[Slot] | None:
+def _answer_slots(request: list[Meta]) -> list[Slot]:
     """Slots of an answer to a message with leaves ``request``: a gradient per leaf that requires
-    grad (autograd gives it that leaf's dtype and shape), None elsewhere.
-
-    None when the answer's header could overflow into a second message: then it goes the
-    ordinary way (both ends decide this from the same ``request``).
-    """
-    slots = [(m[0], m[2]) if m is not None and m[1] else None for m in request]
-    spec = pytree.treespec_dumps(pytree.tree_structure([None] * len(slots))).encode()
-    words = 4 + sum(1 if s is None else 3 + len(s[1]) for s in slots) + -(-len(spec) // 8)
-    return slots if words <= HEADER_SLOTS else None
+    grad (autograd gives it that leaf's dtype and shape), None elsewhere."""
+    return [(m[0], m[2]) if m is not None and m[1] else None for m in request]
 
 
 def _answer_payload(
     leaves: list[Any], spec: pytree.TreeSpec, slots: list[Slot], device: torch.device, what: str
 ) -> list[torch.Tensor]:
-    """The buffers of an answer whose receives the peer posted in advance: one per non-empty slot.
+    """The buffers of an answer, whose receives the peer posted in advance: one per non-empty slot.
 
-    A None leaf in a tensor slot (an input its stage did not use) travels as a zero placeholder
-    of the slot's size, since the posted receive expects it; the header still says None and the
-    receiver drops it, so the result is the same None as without pre-posting.
+    A None leaf in a tensor slot (an input its stage did not use) travels as zeros of the slot's
+    size: the posted receive expects it, and a zero gradient adds nothing in backward.
     """
     if spec != pytree.tree_structure([None] * len(slots)):
         raise ValueError(f"{what}: an answer must be a flat list of one entry per leaf of its request")
@@ -173,9 +183,8 @@ class _Incoming:
     header overflows) ends with its payload receives posted (``stage`` "payload") and ``ready``
     set, or with ``error`` set; from then on only the consuming thread touches it.
 
-    An answer (``answers`` set) skips the wait for its header: once this rank has sent the
-    ``request`` it answers, its header and payload receives are posted together from ``slots``,
-    and the consumer reads the header after the payload.
+    An answer (``answers`` set) has no header: once this rank has sent the ``request`` it answers,
+    its payload receives are posted from the request's leaves.
     """
 
     tag: int
@@ -186,7 +195,6 @@ class _Incoming:
     error: BaseException | None = None
     request_sent: threading.Event = field(default_factory=threading.Event)
     request: list[Meta] = field(default_factory=list)
-    slots: list[Slot] | None = None
     buf: torch.Tensor | None = None
     works: list[dist.Work] = field(default_factory=list)
     header: list[int] = field(default_factory=list)
@@ -268,20 +276,14 @@ class Transport:
         leaves, spec = pytree.tree_flatten(tree)
         if len(leaves) > PARTS - 2:
             raise ValueError(f"{what}: {len(leaves)} tensors cross the stage but at most {PARTS - 2} may")
-        header = _encode_header(tag, spec, leaves)
-        slots = None if answers is None else _answer_slots(self._request_of(dst, answers, what))
-        if slots is None:
+        if answers is None:
             payload = [leaf.detach().contiguous() for leaf in leaves if leaf is not None and leaf.numel() > 0]
+            bufs = self._header_bufs(_encode_header(tag, spec, leaves)) + payload
         else:
-            payload = _answer_payload(leaves, spec, slots, self.device, what)
+            slots = _answer_slots(self._request_of(dst, answers, what))
+            bufs = _answer_payload(leaves, spec, slots, self.device, what)
         group, peer = self.groups.channels[(self.groups.pipeline_rank, dst)], self._peer(dst)
-        first = torch.zeros(HEADER_SLOTS, dtype=torch.int64)
-        head = torch.tensor(header, dtype=torch.int64)
-        first[: min(len(header), HEADER_SLOTS)] = head[:HEADER_SLOTS]
-        bufs = [first.to(self.device)]
-        if len(header) > HEADER_SLOTS:
-            bufs.append(head[HEADER_SLOTS:].to(self.device))
-        for part, buf in enumerate(bufs + payload):
+        for part, buf in enumerate(bufs):
             sub = self._sub_tag(tag, part)
             self._pending.append((dist.isend(buf, dst=peer, group=group, tag=sub), [buf], dst, what))
         answer = self._awaiting.pop((dst, tag), None)
@@ -289,6 +291,15 @@ class Transport:
             answer.request = [_meta(leaf) for leaf in leaves]
             answer.request_sent.set()
         self._prune()
+
+    def _header_bufs(self, header: list[int]) -> list[torch.Tensor]:
+        """The header's one or two messages (see the module docstring)."""
+        words = np.zeros(max(len(header), HEADER_SLOTS), dtype=np.int64)
+        words[: len(header)] = header
+        bufs = [torch.from_numpy(words[:HEADER_SLOTS])]
+        if len(header) > HEADER_SLOTS:
+            bufs.append(torch.from_numpy(words[HEADER_SLOTS:]))
+        return [buf.to(self.device) for buf in bufs]
 
     def _request_of(self, dst: int, tag: int, what: str) -> list[Meta]:
         """The leaves of message ``tag`` received from ``dst``, which ``what`` answers."""
@@ -370,13 +381,12 @@ class Transport:
             if msg.answers is not None:
                 if not self._request_sent(src, msg, deadline):
                     return False
-                msg.slots = _answer_slots(msg.request)
+                slots = _answer_slots(msg.request)
+                msg.spec = pytree.tree_structure([None] * len(slots))
+                self._post_leaves(src, msg, [None if s is None else (s[0], False, s[1]) for s in slots], 0)
+                return True
             msg.stage, msg.buf = "header", torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
             msg.works = [self._irecv(msg.buf, src, msg.tag, 0)]
-            if msg.slots is not None:
-                self._post_leaves(
-                    src, msg, [None if s is None else (s[0], False, s[1]) for s in msg.slots], 1
-                )
             return True
         work = msg.works[0]
         if deadline is None and not work.is_completed():
@@ -391,9 +401,9 @@ class Transport:
                 return True
         else:
             msg.header += msg.buf.tolist()
-        msg.spec, msg.metas = _decode_header(msg.header[: msg.header[0]])
+        msg.spec, metas = _decode_header(msg.header[: msg.header[0]])
         msg.works = []
-        self._post_leaves(src, msg, msg.metas, 2 if msg.stage == "rest" else 1)
+        self._post_leaves(src, msg, metas, 2 if msg.stage == "rest" else 1)
         return True
 
     def _request_sent(self, src: int, msg: _Incoming, deadline: float | None) -> bool:
@@ -419,7 +429,7 @@ class Transport:
     def _post_leaves(self, src: int, msg: _Incoming, metas: list[Meta], part: int) -> None:
         """Allocate the leaves ``metas`` describe, post a receive for each non-empty one (sub-messages
         from ``part`` on) and end the header phase."""
-        msg.stage, msg.leaves = "payload", []
+        msg.stage, msg.metas, msg.leaves = "payload", metas, []
         for meta in metas:
             leaf = None if meta is None else torch.empty(meta[2], dtype=meta[0], device=self.device)
             if leaf is not None and leaf.numel() > 0:
@@ -470,23 +480,12 @@ class Transport:
             raise msg.error
         for work in msg.works:
             self._wait(work, deadline, src, what)
-        if msg.slots is not None:
-            self._read_answer(src, msg)
         for leaf, meta in zip(msg.leaves, msg.metas, strict=True):
             if leaf is not None and meta[1]:
                 leaf.requires_grad_(True)
         chan.messages.popleft()
         chan.received[msg.tag] = msg.metas
         chan.done[msg.tag] = pytree.tree_unflatten(msg.leaves, msg.spec)
-
-    def _read_answer(self, src: int, msg: _Incoming) -> None:
-        """Decode an answer's header, which came with its payload, and drop the placeholders of
-        the None entries (see :func:`_answer_payload`)."""
-        self._read_header(src, msg)
-        msg.spec, msg.metas = _decode_header(msg.header[: msg.header[0]])
-        msg.leaves = [
-            None if meta is None else leaf for leaf, meta in zip(msg.leaves, msg.metas, strict=True)
-        ]
 
     def idle(self) -> bool:
         """Whether every announced message was received and handed out."""

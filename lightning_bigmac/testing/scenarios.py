@@ -13,6 +13,8 @@ Each case is a plain dict:
 ``measure``     ``"grads"`` (loss + this rank's gradients), ``"memory"`` (activation peaks and unit
                 bytes), ``"profile"`` (per-op events gathered on rank 0 and step wall times)
 ``model``       optional :class:`TinyConfig` field overrides (a bigger model for timing)
+``sizes``       optional ``(images, text tokens)`` per microbatch, overriding ``data``'s random sizes
+``owners``      optional encoder/generator owner per microbatch (nested schedules), as the balancer gives
 ``steps``       profile only: steps to run (the first warms up)
 ``match_by_order``  pair messages by posting order only, as NCCL does (see ``Transport``)
 ``forward_only``    an evaluation step (loss only, no gradients)
@@ -31,10 +33,12 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
 
-from lightning_bigmac.runtime import PipelineExecutor, PipelineGroups
+from lightning_bigmac.runtime import OpProfiler, PipelineExecutor, PipelineGroups, Transport
 from lightning_bigmac.runtime.grad_sync import DEFAULT_BUCKET_BYTES
-from lightning_bigmac.schedule import build_plan
+from lightning_bigmac.schedule import Op, build_plan
 
 from .tiny_mllm import TinyConfig, TinyMLLM, make_microbatches
 
@@ -44,9 +48,12 @@ __all__ = [
     "build_case_plan",
     "case_config",
     "case_microbatches",
+    "exchange_messages",
     "fail_mid_step",
     "layout_cases",
+    "message_tree",
     "run_cases",
+    "skewed_clocks",
 ]
 
 _SMALL_BUCKETS = 16 * 1024
@@ -111,7 +118,11 @@ def case_microbatches(case: dict[str, Any], dp_rank: int) -> list[dict[str, torc
     """Replica ``dp_rank``'s microbatches of ``case`` (deterministic)."""
     kind = case.get("data", "mixed")
     mbs = make_microbatches(
-        case_config(case), case["microbatches"], seed=1000 * dp_rank + case.get("seed", 0), **_DATA[kind]
+        case_config(case),
+        case["microbatches"],
+        seed=1000 * dp_rank + case.get("seed", 0),
+        sizes=case.get("sizes"),
+        **_DATA[kind],
     )
     if kind == "image":
         for mb in mbs:
@@ -129,6 +140,7 @@ def build_case_plan(case: dict[str, Any], pp: int, vpp: int):
         encoder=multimodal,
         generator=multimodal,
         forward_only=case.get("forward_only", False),
+        owners=case.get("owners"),
     )
 
 
@@ -150,7 +162,8 @@ def run_cases(
     for case in cases:
         cfg = case_config(case)
         ordered = case.get("match_by_order", False)
-        key = (tuple(sorted(case.get("model", {}).items())), ordered)
+        timing = case.get("measure") == "profile"  # without the activation meter's hooks
+        key = (tuple(sorted(case.get("model", {}).items())), ordered, timing)
         if key not in executors:
             model = TinyMLLM(cfg, seed=0)
             ex = PipelineExecutor(
@@ -159,7 +172,7 @@ def run_cases(
                 vpp=vpp,
                 bucket_bytes=_SMALL_BUCKETS if dp > 1 else DEFAULT_BUCKET_BYTES,
                 timeout=timeout,
-                measure_memory=True,
+                measure_memory=not timing,
                 profile=True,
                 match_by_order=ordered,
             )
@@ -185,16 +198,17 @@ def run_cases(
 def _profile(ex: PipelineExecutor, plan, mbs, steps: int) -> dict[str, Any]:
     """Run ``steps`` steps; per step the events of every rank (on pipeline rank 0) and the wall time.
 
-    The wall time runs from ``step``'s call to its return on this rank, gradient sync included.
+    The wall time runs from the profiler's start barrier (where the events' clock starts) to
+    ``step``'s return on this rank, gradient sync included: the barrier itself, which only lines
+    up the ranks' clocks, and the wait for the other rank to reach it are not the runtime's.
     """
     assert ex.profiler is not None
     records = []
     for _ in range(steps):
         for p in ex.parameters():
             p.grad = None
-        t0 = time.perf_counter()
         ex.step(plan, mbs)
-        wall = time.perf_counter() - t0
+        wall = ex.profiler.now()
         events = ex.profiler.gather(ex.groups.pipeline_group, dst=ex.groups.pipeline_ranks[0])
         records.append({"events": events, "wall": wall})
     return {"plan": plan.to_dict(), "records": records}
@@ -231,3 +245,53 @@ def fail_mid_step(rank: int, victim: int, mode: str, timeout: float) -> None:
     except Exception as err:
         err.add_note(f"elapsed {time.perf_counter() - start:.3f}s")
         raise
+
+
+def message_tree() -> dict[str, Any]:
+    """What :func:`exchange_messages` sends: every kind of leaf a stage may pass on."""
+    return {
+        "h": torch.arange(6.0).reshape(2, 3).requires_grad_(),
+        "ids": torch.arange(4),
+        "empty": torch.zeros(0, 5, requires_grad=True),
+        "unused": torch.ones(3, requires_grad=True),
+        "none": None,
+        "nested": [torch.ones(2, dtype=torch.bfloat16)],
+    }
+
+
+def exchange_messages(rank: int, match_by_order: bool) -> dict[str, Any]:
+    """Pipeline rank 0 sends :func:`message_tree` and a list of 300 tensors (a header over two
+    messages) to rank 1, which answers the first with gradients: sevens for ``h``, None for the
+    rest. Returns what each rank received."""
+    transport = Transport(PipelineGroups.create(2, 1), timeout=30.0, match_by_order=match_by_order)
+    transport.connect()
+    wide = [torch.full((1,), float(i)) for i in range(300)]
+    if rank == 0:
+        transport.expect(1, [(3, "B0.0", 1)])
+        transport.send(message_tree(), 1, 1, what="F0.0")
+        transport.send(wide, 1, 2, what="F0.1")
+        got = {"answer": transport.recv(1, 3, what="B0.0")}
+    else:
+        transport.expect(0, [(1, "F0.0", None), (2, "F0.1", None)])
+        got = {"tree": transport.recv(0, 1, what="F0.0"), "wide": transport.recv(0, 2, what="F0.1")}
+        leaves, _ = pytree.tree_flatten(got["tree"])
+        answer = [torch.full_like(leaf, 7.0) if leaf is got["tree"]["h"] else None for leaf in leaves]
+        transport.send(answer, 0, 3, what="B0.0", answers=1)
+    transport.flush()
+    assert transport.idle()
+    return got
+
+
+def skewed_clocks(rank: int, skew: float) -> list | None:
+    """Both pipeline ranks time one op that starts at the same moment, but rank 1 starts its
+    profiler clock ``skew`` seconds after rank 0 (no barrier); returns the gathered events."""
+    groups = PipelineGroups.create(2, 1)
+    profiler = OpProfiler(rank)
+    dist.barrier()
+    if rank == 1:
+        time.sleep(skew)
+    profiler.start_step()
+    dist.barrier()
+    with profiler.op(Op.parse("F0.0")):
+        time.sleep(0.01)
+    return profiler.gather(groups.pipeline_group, dst=0)

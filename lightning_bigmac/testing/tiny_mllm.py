@@ -191,17 +191,23 @@ def make_microbatches(
     images: tuple[int, int] = (0, 3),
     text: tuple[int, int] = (2, 12),
     equal: bool = False,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """``count`` random microbatches with image counts in ``images`` and text lengths in ``text``.
 
     ``equal``: every microbatch has the largest image count and text length (for memory tests).
+    ``sizes``: the ``(images, text tokens)`` of each microbatch instead (e.g. from the balancer).
     Roughly a quarter of the text positions carry no target (-100).
     """
+    if sizes is not None and len(sizes) != count:
+        raise ValueError(f"{len(sizes)} sizes for {count} microbatches")
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(count):
+    for i in range(count):
         n = images[1] if equal else int(torch.randint(images[0], images[1] + 1, (), generator=g))
         s = text[1] if equal else int(torch.randint(text[0], text[1] + 1, (), generator=g))
+        if sizes is not None:
+            n, s = sizes[i]
         if n * cfg.patches + s > cfg.max_len:
             raise ValueError(f"{n} images and {s} tokens exceed TinyConfig.max_len={cfg.max_len}")
         labels = torch.randint(0, cfg.vocab, (s,), generator=g)

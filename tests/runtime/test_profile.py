@@ -1,15 +1,19 @@
 """Profiler exports: a Chrome trace of every op, and a cost file from which the simulator predicts
-the profiled run's step time (op ends measured from the step's start barrier) within 15%."""
+the profiled run's step time (op ends measured from the step's start barrier) within 15%; events
+of all ranks on one clock; the transfer latency estimated from ops that waited for one."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 
 import pytest
 
-from lightning_bigmac.runtime import chrome_trace, cost_profile
-from lightning_bigmac.schedule import CostModel, Plan, simulate
+from lightning_bigmac.runtime import OpEvent, chrome_trace, cost_profile, transfer_latency
+from lightning_bigmac.schedule import CostModel, Plan, build_plan, simulate
+from lightning_bigmac.testing.scenarios import skewed_clocks
+from lightning_bigmac.testing.spawn import run
 
 
 def _profiles(run_layout) -> list[tuple[Plan, list]]:
@@ -48,3 +52,41 @@ def test_simulator_fed_with_a_profile_predicts_the_step(run_layout, tmp_path) ->
             errors.append(abs(predicted / measured - 1))
         print(plan.schedule, "profile -> simulate errors per step:", [f"{e:.3f}" for e in errors])
         assert statistics.median(errors) <= 0.15, errors
+
+
+@pytest.mark.slow
+def test_gather_puts_every_rank_on_one_clock() -> None:
+    """Rank 1 starts its clock 0.3 s late; the gathered events still show both ops together."""
+    events, _ = run(skewed_clocks, 2, 0.3, timeout=60.0)
+    first, second = sorted(events, key=lambda e: e.rank)
+    assert first.start > 0.25  # rank 0 waited for rank 1 at the barrier on its own clock
+    assert abs(second.start - first.start) < 0.02
+
+
+def _shifted(events: list[OpEvent], delay: float) -> list[OpEvent]:
+    """``events`` with ``delay`` added before every op that started as its rank's previous op
+    ended (its input was in): the runtime's per-op cost, which is no transfer."""
+    out = []
+    for rank in {e.rank for e in events}:
+        row = sorted((e for e in events if e.rank == rank), key=lambda e: e.start)
+        out.append(row[0])
+        for before, e in itertools.pairwise(row):
+            late = delay if e.start == before.end else 0.0
+            out.append(OpEvent(e.rank, e.op, e.start + late, e.end))
+    return out
+
+
+def test_latency_comes_only_from_ops_that_waited_for_a_transfer() -> None:
+    plan = build_plan("bigmac", pp=2, microbatches=8)
+    m = plan.microbatches
+    costs = CostModel(
+        encoder_forward=tuple(1.0 + 0.1 * j for j in range(m)),
+        llm_forward=tuple(2.0 + 0.3 * (j % 3) for j in range(m)),
+        llm_backward=tuple(4.0 - 0.2 * (j % 2) for j in range(m)),
+        latency=0.25,
+    )
+    sim = simulate(plan, costs)
+    events = [OpEvent(iv.rank, str(iv.op), iv.start, iv.end) for row in sim.intervals for iv in row]
+    assert transfer_latency(plan, events) == pytest.approx(0.25)
+    # a gap after a busy rank's previous op is the runtime's own cost, not a transfer
+    assert transfer_latency(plan, _shifted(events, 0.1)) == pytest.approx(0.25)
