@@ -1,15 +1,20 @@
 """Point-to-point transfer of pytrees of tensors between pipeline ranks, with shape headers.
 
 Every microbatch may have its own sequence length and image count, so nothing is padded and no
-receive buffer is sized in advance: each message is a fixed-size int64 *header* followed by one
-payload transfer per non-empty tensor leaf. The header carries, in order::
+receive buffer is sized in advance: each message starts with a fixed-size int64 *envelope* that
+holds its header, followed by one payload transfer per non-empty tensor leaf. The header
+carries, in order::
 
-    [length, tag, num_leaves, spec_bytes,  per leaf: dtype code, requires_grad, ndim, *shape,  spec]
+    [length, tag, num_leaves, spec_bytes, inline,  per leaf: dtype code, requires_grad, ndim, *shape,  spec]
 
 ``dtype code`` -1 marks a ``None`` leaf; ``spec`` is the pytree structure
-(``torch.utils._pytree.treespec_dumps``) as bytes. A header longer than :data:`HEADER_SLOTS`
-continues in a second message. The ``tag`` slot repeats the message's tag so that a receiver
-reading a different message than it expects fails loudly on backends that ignore tags (NCCL).
+(``torch.utils._pytree.treespec_dumps``) as bytes. A header longer than the envelope continues
+in a second message. The ``tag`` slot repeats the message's tag so that a receiver reading a
+different message than it expects fails loudly on backends that ignore tags (NCCL). When the
+header and every leaf fit the envelope (``inline`` 1), the leaves ride in it after the header,
+each padded to 8 bytes, and the message is one transfer. The envelope is
+:data:`HEADER_SLOTS` words, or ``inline_bytes`` (:class:`Transport`) if larger: gloo defaults
+to :data:`GLOO_INLINE_BYTES`, which holds a CPU-sized model's activations.
 
 Message matching. Gloo matches by ``(peer, tag)``; NCCL ignores tags and matches operations in
 posting order on a communicator. Messages from ``a`` to ``b`` travel on a group of their own
@@ -32,10 +37,11 @@ per tensor and no header.
 
 Latency. Gloo's tcp transport sends a payload only once the receiver has posted its receive (a
 round trip otherwise), and on a few shared cores every hop waits for a time slice. So receives
-are posted early, still in the sender's order: every header receive as soon as the previous
+are posted early, still in the sender's order: every envelope receive as soon as the previous
 message's payload receives are posted, a payload's receives as soon as its header is in (on a
-receiving thread per peer with gloo), and an answer's receives when its request is sent. The
-price is one gradient-sized buffer per message in flight, allocated at its request's send.
+receiving thread per peer with gloo), and an answer's receives when its request is sent. An
+inline message needs no round trip at all: its envelope receive was posted before it was sent.
+The price is one envelope per peer and one gradient-sized buffer per answer in flight.
 """
 
 from __future__ import annotations
@@ -57,10 +63,12 @@ from torch.utils import _pytree as pytree
 
 from .groups import PipelineGroups
 
-__all__ = ["HEADER_SLOTS", "PARTS", "PeerError", "Transport"]
+__all__ = ["GLOO_INLINE_BYTES", "HEADER_SLOTS", "PARTS", "PeerError", "Transport"]
 
 HEADER_SLOTS = 256
-"""int64 slots of the first header message (2 KiB); longer headers continue in a second one."""
+"""int64 words of the smallest envelope (2 KiB); longer headers continue in a second message."""
+GLOO_INLINE_BYTES = 256 * 1024
+"""Envelope size with gloo: a message up to this size (header included) is one transfer."""
 PARTS = 4096
 """Sub-messages per message: header, header overflow and up to ``PARTS - 2`` tensor leaves."""
 _MAX_TAG = 2**31 - 1
@@ -104,7 +112,7 @@ def _load_spec(raw: bytes) -> pytree.TreeSpec:
     return pytree.treespec_loads(raw.decode())
 
 
-def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any]) -> list[int]:
+def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any], inline: bool = False) -> list[int]:
     body: list[int] = []
     for leaf in leaves:
         if leaf is None:
@@ -119,14 +127,14 @@ def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any]) -> list[i
             raise TypeError(f"dtype {leaf.dtype} cannot cross a pipeline stage; supported: {list(_CODE)}")
         body += [_CODE[leaf.dtype], int(leaf.requires_grad), leaf.dim(), *leaf.shape]
     spec_bytes, words = _spec_words(spec)
-    header = [0, tag, len(leaves), spec_bytes, *body, *words]
+    header = [0, tag, len(leaves), spec_bytes, int(inline), *body, *words]
     header[0] = len(header)
     return header
 
 
 def _decode_header(header: list[int]) -> tuple[pytree.TreeSpec, list[Meta]]:
     num_leaves, spec_bytes = header[2], header[3]
-    pos, metas = 4, []
+    pos, metas = 5, []
     for _ in range(num_leaves):
         code = header[pos]
         if code < 0:
@@ -138,6 +146,11 @@ def _decode_header(header: list[int]) -> tuple[pytree.TreeSpec, list[Meta]]:
         pos += 3 + ndim
     raw = np.asarray(header[pos:], dtype=np.int64).tobytes()[:spec_bytes]
     return _load_spec(raw), metas
+
+
+def _words(leaf: torch.Tensor) -> int:
+    """int64 words ``leaf`` takes in an envelope (its bytes padded to 8)."""
+    return -(-leaf.numel() * leaf.element_size() // 8)
 
 
 def _meta(leaf: torch.Tensor | None) -> Meta:
@@ -224,7 +237,9 @@ class Transport:
     NCCL moves only device tensors). ``timeout`` (seconds) bounds every wait. ``match_by_order``
     puts tag 0 on the wire so gloo pairs messages by posting order alone, as NCCL does: tests use
     it to prove on CPU that the receive order is right for NCCL (the header still carries the tag
-    and is checked).
+    and is checked). ``inline_bytes``: the envelope size (see the module docstring); None gives
+    :data:`GLOO_INLINE_BYTES` with gloo and the bare header otherwise (NCCL moves large messages
+    fast, and an envelope costs a device copy), also with ``match_by_order``, which emulates NCCL.
     """
 
     def __init__(
@@ -234,6 +249,7 @@ class Transport:
         device: torch.device | str = "cpu",
         timeout: float = 300.0,
         match_by_order: bool = False,
+        inline_bytes: int | None = None,
     ):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
@@ -243,6 +259,12 @@ class Transport:
         self.match_by_order = match_by_order
         self._pending: list[tuple[dist.Work, list[torch.Tensor], int, str]] = []
         self._gloo = dist.get_backend(groups.pipeline_group) == "gloo"
+        if inline_bytes is None:
+            inline_bytes = GLOO_INLINE_BYTES if self._gloo and not match_by_order else 0
+        if inline_bytes < 0:
+            raise ValueError(f"inline_bytes must be >= 0, got {inline_bytes}")
+        self.envelope = max(HEADER_SLOTS, inline_bytes // 8)
+        """int64 words of every message's first transfer (both ends must agree)."""
         self._channels: dict[int, _Channel] = {}
         self._awaiting: dict[tuple[int, int], _Incoming] = {}
         """Answers announced by :meth:`expect`, by (peer, tag of the request they answer)."""
@@ -278,7 +300,10 @@ class Transport:
             raise ValueError(f"{what}: {len(leaves)} tensors cross the stage but at most {PARTS - 2} may")
         if answers is None:
             payload = [leaf.detach().contiguous() for leaf in leaves if leaf is not None and leaf.numel() > 0]
-            bufs = self._header_bufs(_encode_header(tag, spec, leaves)) + payload
+            header = _encode_header(tag, spec, leaves)
+            inline = len(header) + sum(_words(leaf) for leaf in payload) <= self.envelope
+            header[4] = int(inline)
+            bufs = self._envelope(header, payload) if inline else self._envelope(header, []) + payload
         else:
             slots = _answer_slots(self._request_of(dst, answers, what))
             bufs = _answer_payload(leaves, spec, slots, self.device, what)
@@ -292,14 +317,21 @@ class Transport:
             answer.request_sent.set()
         self._prune()
 
-    def _header_bufs(self, header: list[int]) -> list[torch.Tensor]:
-        """The header's one or two messages (see the module docstring)."""
-        words = np.zeros(max(len(header), HEADER_SLOTS), dtype=np.int64)
+    def _envelope(self, header: list[int], inline: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The envelope holding ``header`` and the leaves ``inline`` (which must fit), and the
+        header's continuation if it does not fit (see the module docstring)."""
+        words = np.zeros(max(len(header), self.envelope), dtype=np.int64)
         words[: len(header)] = header
-        bufs = [torch.from_numpy(words[:HEADER_SLOTS])]
-        if len(header) > HEADER_SLOTS:
-            bufs.append(torch.from_numpy(words[HEADER_SLOTS:]))
-        return [buf.to(self.device) for buf in bufs]
+        bufs = [torch.from_numpy(words[: self.envelope])]
+        if len(header) > self.envelope:
+            bufs.append(torch.from_numpy(words[self.envelope :]))
+        bufs = [buf.to(self.device) for buf in bufs]
+        raw, pos = bufs[0].view(torch.uint8), len(header) * 8
+        for leaf in inline:
+            n = leaf.numel() * leaf.element_size()
+            raw[pos : pos + n].copy_(leaf.reshape(-1).view(torch.uint8))
+            pos += _words(leaf) * 8
+        return bufs
 
     def _request_of(self, dst: int, tag: int, what: str) -> list[Meta]:
         """The leaves of message ``tag`` received from ``dst``, which ``what`` answers."""
@@ -385,7 +417,7 @@ class Transport:
                 msg.spec = pytree.tree_structure([None] * len(slots))
                 self._post_leaves(src, msg, [None if s is None else (s[0], False, s[1]) for s in slots], 0)
                 return True
-            msg.stage, msg.buf = "header", torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
+            msg.stage, msg.buf = "header", torch.empty(self.envelope, dtype=torch.int64, device=self.device)
             msg.works = [self._irecv(msg.buf, src, msg.tag, 0)]
             return True
         work = msg.works[0]
@@ -394,16 +426,19 @@ class Transport:
         self._wait(work, time.monotonic() + 1.0 if deadline is None else deadline, src, msg.what)
         if msg.stage == "header":
             self._read_header(src, msg)
-            if msg.header[0] > HEADER_SLOTS:
+            if msg.header[0] > self.envelope:
                 msg.stage = "rest"
-                msg.buf = torch.empty(msg.header[0] - HEADER_SLOTS, dtype=torch.int64, device=self.device)
+                msg.buf = torch.empty(msg.header[0] - self.envelope, dtype=torch.int64, device=self.device)
                 msg.works = [self._irecv(msg.buf, src, msg.tag, 1)]
                 return True
         else:
             msg.header += msg.buf.tolist()
-        msg.spec, metas = _decode_header(msg.header[: msg.header[0]])
+        msg.spec, metas = _decode_header(msg.header)
         msg.works = []
-        self._post_leaves(src, msg, metas, 2 if msg.stage == "rest" else 1)
+        if msg.header[4]:
+            self._unpack_inline(msg, metas)
+        else:
+            self._post_leaves(src, msg, metas, 2 if msg.stage == "rest" else 1)
         return True
 
     def _request_sent(self, src: int, msg: _Incoming, deadline: float | None) -> bool:
@@ -418,13 +453,25 @@ class Transport:
         return True
 
     def _read_header(self, src: int, msg: _Incoming) -> None:
-        msg.header = msg.buf.tolist()
+        msg.header = msg.buf[: min(int(msg.buf[0]), self.envelope)].tolist()
         if msg.header[1] != msg.tag:
             raise RuntimeError(
                 f"rank {self.groups.rank}: expected message {msg.tag} ({msg.what}) from "
                 f"{self._describe(src)} but got {msg.header[1]}: sender and receiver disagree on "
                 "the message order"
             )
+
+    def _unpack_inline(self, msg: _Incoming, metas: list[Meta]) -> None:
+        """Copy the leaves ``metas`` describe out of the envelope (freed then) and end the header phase."""
+        raw, pos = msg.buf.view(torch.uint8), msg.header[0] * 8
+        msg.stage, msg.metas, msg.leaves, msg.buf = "payload", metas, [], None
+        for meta in metas:
+            leaf = None if meta is None else torch.empty(meta[2], dtype=meta[0], device=self.device)
+            if leaf is not None:
+                n = leaf.numel() * leaf.element_size()
+                leaf.view(-1).view(torch.uint8).copy_(raw[pos : pos + n])
+                pos += _words(leaf) * 8
+            msg.leaves.append(leaf)
 
     def _post_leaves(self, src: int, msg: _Incoming, metas: list[Meta], part: int) -> None:
         """Allocate the leaves ``metas`` describe, post a receive for each non-empty one (sub-messages

@@ -259,21 +259,26 @@ def message_tree() -> dict[str, Any]:
     }
 
 
-def exchange_messages(rank: int, match_by_order: bool) -> dict[str, Any]:
-    """Pipeline rank 0 sends :func:`message_tree` and a list of 300 tensors (a header over two
-    messages) to rank 1, which answers the first with gradients: sevens for ``h``, None for the
-    rest. Returns what each rank received."""
-    transport = Transport(PipelineGroups.create(2, 1), timeout=30.0, match_by_order=match_by_order)
+def exchange_messages(rank: int, match_by_order: bool, inline_bytes: int | None) -> dict[str, Any]:
+    """Pipeline rank 0 sends :func:`message_tree`, a list of 300 tensors (a long header) and a
+    280 KB tensor (larger than gloo's envelope) to rank 1, which answers the first with
+    gradients: sevens for ``h``, None for the rest. Returns what each rank received."""
+    transport = Transport(
+        PipelineGroups.create(2, 1), timeout=30.0, match_by_order=match_by_order, inline_bytes=inline_bytes
+    )
     transport.connect()
     wide = [torch.full((1,), float(i)) for i in range(300)]
+    big = torch.arange(70_000.0)
     if rank == 0:
         transport.expect(1, [(3, "B0.0", 1)])
         transport.send(message_tree(), 1, 1, what="F0.0")
         transport.send(wide, 1, 2, what="F0.1")
+        transport.send(big, 1, 4, what="F0.2")
         got = {"answer": transport.recv(1, 3, what="B0.0")}
     else:
-        transport.expect(0, [(1, "F0.0", None), (2, "F0.1", None)])
+        transport.expect(0, [(1, "F0.0", None), (2, "F0.1", None), (4, "F0.2", None)])
         got = {"tree": transport.recv(0, 1, what="F0.0"), "wide": transport.recv(0, 2, what="F0.1")}
+        got["big"] = transport.recv(0, 4, what="F0.2")
         leaves, _ = pytree.tree_flatten(got["tree"])
         answer = [torch.full_like(leaf, 7.0) if leaf is got["tree"]["h"] else None for leaf in leaves]
         transport.send(answer, 0, 3, what="B0.0", answers=1)

@@ -1,5 +1,6 @@
-"""The transport between two processes: any pytree crosses with its dtypes, shapes and grad flags;
-answers (gradients) come back without a header, a None gradient as zeros; long headers split."""
+"""The transport between two processes: any pytree crosses with its dtypes, shapes and grad flags,
+inside gloo's envelope or after it; answers (gradients) come back without a header, a None
+gradient as zeros; long headers continue in a second message."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from lightning_bigmac.testing.spawn import run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("match_by_order", [False, True], ids=["by-tag", "by-order"])
-def test_pytrees_and_their_answers_cross_intact(match_by_order: bool) -> None:
-    sender, receiver = run(exchange_messages, 2, match_by_order, timeout=60.0)
+@pytest.mark.parametrize(
+    ("match_by_order", "inline_bytes"),
+    [(False, None), (False, 0), (True, None)],
+    ids=["gloo-envelope", "header-only", "nccl-style"],
+)
+def test_pytrees_and_their_answers_cross_intact(match_by_order: bool, inline_bytes: int | None) -> None:
+    sender, receiver = run(exchange_messages, 2, match_by_order, inline_bytes, timeout=60.0)
     sent, got = message_tree(), receiver["tree"]
     assert got.keys() == sent.keys() and got["none"] is None
     for key in ("h", "ids", "empty", "unused"):
@@ -22,6 +27,7 @@ def test_pytrees_and_their_answers_cross_intact(match_by_order: bool) -> None:
         assert got[key].requires_grad == sent[key].requires_grad and got[key].is_leaf
     assert got["nested"][0].dtype == torch.bfloat16 and got["nested"][0].equal(sent["nested"][0])
     assert [t.item() for t in receiver["wide"]] == list(range(300))
+    assert receiver["big"].equal(torch.arange(70_000.0))
 
     # one entry per leaf of the request: h's gradient, zeros for the unused input's None,
     # None where the request's leaf did not require grad, an empty tensor for an empty one
