@@ -228,6 +228,7 @@ class _Channel:
     received: dict[int, list[Meta]] = field(default_factory=dict)
     """Leaves of the messages handed out, by tag, for answering them (:meth:`Transport.send`)."""
     pump: threading.Thread | None = None
+    spare: list[torch.Tensor] = field(default_factory=list)
 
 
 class Transport:
@@ -319,12 +320,18 @@ class Transport:
 
     def _envelope(self, header: list[int], inline: list[torch.Tensor]) -> list[torch.Tensor]:
         """The envelope holding ``header`` and the leaves ``inline`` (which must fit), and the
-        header's continuation if it does not fit (see the module docstring)."""
-        words = np.zeros(max(len(header), self.envelope), dtype=np.int64)
+        header's continuation if it does not fit (see the module docstring).
+
+        Gloo fills a receive from a shorter send, so there only the used part of the envelope
+        travels; NCCL needs equal sizes (and so does ``match_by_order``, which stands in for it).
+        """
+        used = len(header) + sum(_words(leaf) for leaf in inline)
+        size = min(used, self.envelope) if self._gloo and not self.match_by_order else self.envelope
+        words = np.zeros(max(len(header), size), dtype=np.int64)
         words[: len(header)] = header
-        bufs = [torch.from_numpy(words[: self.envelope])]
-        if len(header) > self.envelope:
-            bufs.append(torch.from_numpy(words[self.envelope :]))
+        bufs = [torch.from_numpy(words[:size])]
+        if len(header) > size:
+            bufs.append(torch.from_numpy(words[size:]))
         bufs = [buf.to(self.device) for buf in bufs]
         raw, pos = bufs[0].view(torch.uint8), len(header) * 8
         for leaf in inline:
@@ -417,29 +424,36 @@ class Transport:
                 msg.spec = pytree.tree_structure([None] * len(slots))
                 self._post_leaves(src, msg, [None if s is None else (s[0], False, s[1]) for s in slots], 0)
                 return True
-            msg.stage, msg.buf = "header", torch.empty(self.envelope, dtype=torch.int64, device=self.device)
+            spare = self._channels[src].spare  # envelopes already read: no allocation per message
+            msg.stage, msg.buf = "header", spare.pop() if spare else self._empty(self.envelope)
             msg.works = [self._irecv(msg.buf, src, msg.tag, 0)]
             return True
         work = msg.works[0]
         if deadline is None and not work.is_completed():
             return False
         self._wait(work, time.monotonic() + 1.0 if deadline is None else deadline, src, msg.what)
-        if msg.stage == "header":
-            self._read_header(src, msg)
+        envelope, msg.buf, first = msg.buf, None, msg.stage == "header"
+        if first:
+            self._read_header(src, msg, envelope)
             if msg.header[0] > self.envelope:
-                msg.stage = "rest"
-                msg.buf = torch.empty(msg.header[0] - self.envelope, dtype=torch.int64, device=self.device)
+                self._channels[src].spare.append(envelope)
+                msg.stage, msg.buf = "rest", self._empty(msg.header[0] - self.envelope)
                 msg.works = [self._irecv(msg.buf, src, msg.tag, 1)]
                 return True
         else:
-            msg.header += msg.buf.tolist()
+            msg.header += envelope.tolist()
         msg.spec, metas = _decode_header(msg.header)
         msg.works = []
         if msg.header[4]:
-            self._unpack_inline(msg, metas)
+            self._unpack_inline(msg, metas, envelope)
         else:
             self._post_leaves(src, msg, metas, 2 if msg.stage == "rest" else 1)
+        if first:
+            self._channels[src].spare.append(envelope)
         return True
+
+    def _empty(self, words: int) -> torch.Tensor:
+        return torch.empty(words, dtype=torch.int64, device=self.device)
 
     def _request_sent(self, src: int, msg: _Incoming, deadline: float | None) -> bool:
         """Whether this rank has sent the request ``msg`` answers, waiting for it until ``deadline``."""
@@ -452,8 +466,8 @@ class Transport:
             )
         return True
 
-    def _read_header(self, src: int, msg: _Incoming) -> None:
-        msg.header = msg.buf[: min(int(msg.buf[0]), self.envelope)].tolist()
+    def _read_header(self, src: int, msg: _Incoming, envelope: torch.Tensor) -> None:
+        msg.header = envelope[: min(int(envelope[0]), self.envelope)].tolist()
         if msg.header[1] != msg.tag:
             raise RuntimeError(
                 f"rank {self.groups.rank}: expected message {msg.tag} ({msg.what}) from "
@@ -461,10 +475,10 @@ class Transport:
                 "the message order"
             )
 
-    def _unpack_inline(self, msg: _Incoming, metas: list[Meta]) -> None:
-        """Copy the leaves ``metas`` describe out of the envelope (freed then) and end the header phase."""
-        raw, pos = msg.buf.view(torch.uint8), msg.header[0] * 8
-        msg.stage, msg.metas, msg.leaves, msg.buf = "payload", metas, [], None
+    def _unpack_inline(self, msg: _Incoming, metas: list[Meta], envelope: torch.Tensor) -> None:
+        """Copy the leaves ``metas`` describe out of ``envelope`` and end the header phase."""
+        raw, pos = envelope.view(torch.uint8), msg.header[0] * 8
+        msg.stage, msg.metas, msg.leaves = "payload", metas, []
         for meta in metas:
             leaf = None if meta is None else torch.empty(meta[2], dtype=meta[0], device=self.device)
             if leaf is not None:
