@@ -72,7 +72,8 @@ def build_plan(
     """Build and validate the plan of one optimizer step.
 
     ``build_plan("bigmac", pp=4, vpp=2, microbatches=64)`` or ``build_plan(config)``. ``costs``
-    steer bigmac's knob search and the placement of columns; the LLM order never depends on them.
+    steer bigmac's knob search and the placement of columns; the LLM order depends on them only
+    through the ``"auto"`` LLM warm-up, when their transfer latency is above zero.
     Raises ``ValueError`` for a config no builder accepts or an unsafe user-given knob.
     """
     cfg = schedule if isinstance(schedule, ScheduleConfig) else ScheduleConfig(schedule=schedule, **fields)

@@ -43,7 +43,8 @@ class ScheduleConfig:
     smallest per-rank extension that is deadlock-free; ``"group"``: ``pp`` on every rank (the
     paper's figure); ``"auto"``: for ideal ``"group"`` with a generator and 0 without, for
     bigmac the smallest extension, equal on every rank, that is deadlock-free and keeps the step
-    within 2% of ideal; an int for every rank, or one int per rank."""
+    within 2% of ideal, plus one on the first ranks where the cost model's transfer latency
+    makes that 0.5% faster; an int for every rank, or one int per rank."""
     forward_only: bool = False
     """An evaluation step: forwards and generator losses only. Each rank runs its forwards chunk
     by chunk (nothing is kept for a backward, so there is nothing to interleave); the knobs above

@@ -16,6 +16,7 @@ Each case is a plain dict:
 ``sizes``       optional ``(images, text tokens)`` per microbatch, overriding ``data``'s random sizes
 ``owners``      optional encoder/generator owner per microbatch (nested schedules), as the balancer gives
 ``steps``       profile only: steps to run (the first warms up)
+``replan``      profile only: plan the steps after the first with the first one's profile
 ``match_by_order``  pair messages by posting order only, as NCCL does (see ``Transport``)
 ``forward_only``    an evaluation step (loss only, no gradients)
 ==============  ==================================================================================
@@ -30,15 +31,16 @@ import os
 import signal
 import time
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from lightning_bigmac.runtime import OpProfiler, PipelineExecutor, PipelineGroups, Transport
+from lightning_bigmac.runtime import OpProfiler, PipelineExecutor, PipelineGroups, Transport, cost_profile
 from lightning_bigmac.runtime.grad_sync import DEFAULT_BUCKET_BYTES
-from lightning_bigmac.schedule import Op, build_plan
+from lightning_bigmac.schedule import CostModel, Op, Plan, build_plan
 
 from .tiny_mllm import TinyConfig, TinyMLLM, make_microbatches
 
@@ -130,10 +132,11 @@ def case_microbatches(case: dict[str, Any], dp_rank: int) -> list[dict[str, torc
     return mbs
 
 
-def build_case_plan(case: dict[str, Any], pp: int, vpp: int):
+def build_case_plan(case: dict[str, Any], pp: int, vpp: int, costs: CostModel | None = None):
     multimodal = case.get("data", "mixed") != "text"
     return build_plan(
         case["schedule"],
+        costs=costs,
         pp=pp,
         vpp=vpp,
         microbatches=case["microbatches"],
@@ -182,7 +185,8 @@ def run_cases(
         mbs = case_microbatches(case, groups.dp_rank)
         measure = case.get("measure", "grads")
         if measure == "profile":
-            out.append(_profile(ex, plan, mbs, case.get("steps", 3)))
+            replan = partial(build_case_plan, case, pp, vpp) if case.get("replan") else None
+            out.append(_profile(ex, plan, mbs, case.get("steps", 3), replan))
             continue
         for p in ex.parameters():
             p.grad = None
@@ -195,22 +199,29 @@ def run_cases(
     return out
 
 
-def _profile(ex: PipelineExecutor, plan, mbs, steps: int) -> dict[str, Any]:
+def _profile(ex: PipelineExecutor, plan: Plan, mbs, steps: int, replan=None) -> dict[str, Any]:
     """Run ``steps`` steps; per step the events of every rank (on pipeline rank 0) and the wall time.
 
     The wall time runs from the profiler's start barrier (where the events' clock starts) to
     ``step``'s return on this rank, gradient sync included: the barrier itself, which only lines
     up the ranks' clocks, and the wait for the other rank to reach it are not the runtime's.
+    ``replan(costs) -> Plan``: after the first step, plan the rest with that step's profile (on
+    pipeline rank 0, sent to the others), as a user would with ``bigmac plan --costs``.
     """
     assert ex.profiler is not None
+    group = ex.groups.pipeline_group
     records = []
-    for _ in range(steps):
+    for step in range(steps):
         for p in ex.parameters():
             p.grad = None
         ex.step(plan, mbs)
         wall = ex.profiler.now()
-        events = ex.profiler.gather(ex.groups.pipeline_group, dst=ex.groups.pipeline_ranks[0])
-        records.append({"events": events, "wall": wall})
+        events = ex.profiler.gather(group, dst=ex.groups.pipeline_ranks[0])
+        records.append({"events": events, "wall": wall, "plan": plan.to_dict()})
+        if step == 0 and replan is not None:
+            box = [None if events is None else replan(CostModel.from_profile(cost_profile(plan, events)))]
+            dist.broadcast_object_list(box, src=ex.groups.pipeline_ranks[0], group=group)
+            plan = box[0]
     return {"plan": plan.to_dict(), "records": records}
 
 

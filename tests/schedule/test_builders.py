@@ -1,6 +1,7 @@
 """Every builder's plans validate across a grid of P, V, M; config errors name the fix."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -114,6 +115,17 @@ def test_llm_order_never_depends_on_costs():
         assert [o for o in a if o.kind in "FB"] == [o for o in b if o.kind in "FB"]
     assert cheap.ranks != heavy.ranks  # but the columns moved
     assert simulate(heavy, costs).step_time > simulate(cheap).step_time
+
+
+def test_auto_warms_the_first_stage_up_further_to_hide_transfer_latency():
+    """With latency in the costs, one more forward in flight on stage 0 takes both round trips of
+    every microbatch off the critical path at P=2; without latency the plan stays as it was."""
+    costs = CostModel(encoder_forward=0.25, encoder_backward=0.5, generator=0.15, latency=0.05)
+    plain = build_plan("bigmac", pp=2, microbatches=32)
+    hiding = build_plan("bigmac", pp=2, microbatches=32, costs=costs)
+    assert plain.knobs["llm_warmup"] == [2, 2] and hiding.knobs["llm_warmup"] == [3, 2]
+    assert simulate(hiding, costs).step_time < 0.99 * simulate(plain, costs).step_time
+    assert build_plan("bigmac", pp=2, microbatches=32, costs=replace(costs, latency=0.0)).ranks == plain.ranks
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
