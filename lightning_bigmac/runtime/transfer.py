@@ -112,7 +112,9 @@ def _load_spec(raw: bytes) -> pytree.TreeSpec:
     return pytree.treespec_loads(raw.decode())
 
 
-def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any], inline: bool = False) -> list[int]:
+def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any]) -> list[int]:
+    """The header of a message with ``leaves`` of structure ``spec``; its ``inline`` slot is 0
+    (the sender sets it once it knows whether the leaves fit the envelope)."""
     body: list[int] = []
     for leaf in leaves:
         if leaf is None:
@@ -127,7 +129,7 @@ def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any], inline: b
             raise TypeError(f"dtype {leaf.dtype} cannot cross a pipeline stage; supported: {list(_CODE)}")
         body += [_CODE[leaf.dtype], int(leaf.requires_grad), leaf.dim(), *leaf.shape]
     spec_bytes, words = _spec_words(spec)
-    header = [0, tag, len(leaves), spec_bytes, int(inline), *body, *words]
+    header = [0, tag, len(leaves), spec_bytes, 0, *body, *words]
     header[0] = len(header)
     return header
 
@@ -302,9 +304,11 @@ class Transport:
         if answers is None:
             payload = [leaf.detach().contiguous() for leaf in leaves if leaf is not None and leaf.numel() > 0]
             header = _encode_header(tag, spec, leaves)
-            inline = len(header) + sum(_words(leaf) for leaf in payload) <= self.envelope
-            header[4] = int(inline)
-            bufs = self._envelope(header, payload) if inline else self._envelope(header, []) + payload
+            if len(header) + sum(_words(leaf) for leaf in payload) <= self.envelope:
+                header[4] = 1  # inline
+                bufs = self._envelope(header, payload)
+            else:
+                bufs = self._envelope(header, []) + payload
         else:
             slots = _answer_slots(self._request_of(dst, answers, what))
             bufs = _answer_payload(leaves, spec, slots, self.device, what)
