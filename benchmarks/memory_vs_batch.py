@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_bigmac.schedule import simulate
+from lightning_bigmac.schedule.pictures import figure, save
 from lightning_bigmac.schedule.plan import MODULES
 from lightning_bigmac.testing.scenarios import build_case_plan, run_cases
 from lightning_bigmac.testing.spawn import run
@@ -120,14 +121,8 @@ def print_table(peaks: Peaks, schedules: Sequence[str], microbatches: Sequence[i
 def plot(runs: dict[int, Peaks], schedules: Sequence[str], multiples: Sequence[int], path: Path) -> Path:
     """Busiest rank's peak per module against M, one line per schedule, one row per P: the paper's
     'memory stays flat as batch grows' picture."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        len(runs), len(MODULES), figsize=(4.2 * len(MODULES), 3.3 * len(runs)), squeeze=False
-    )
+    fig = figure(figsize=(4.2 * len(MODULES), 3.3 * len(runs)))
+    axes = fig.subplots(len(runs), len(MODULES), squeeze=False)
     for row, (pp, peaks) in zip(axes, runs.items(), strict=True):
         microbatches = [k * pp for k in multiples]
         for ax, module in zip(row, MODULES, strict=True):
@@ -145,10 +140,7 @@ def plot(runs: dict[int, Peaks], schedules: Sequence[str], multiples: Sequence[i
             ax.legend(fontsize=7)
     fig.suptitle("activation memory vs batch size (busiest rank, measured)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def headline(peaks: Peaks, microbatches: Sequence[int]) -> dict[str, float]:

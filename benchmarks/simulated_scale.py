@@ -63,7 +63,7 @@ from balancer.metrics import schedule_costs  # noqa: E402
 from lightning_bigmac.schedule import CostModel as ScheduleCosts  # noqa: E402
 from lightning_bigmac.schedule import Op, Simulation, build_plan, simulate  # noqa: E402
 from lightning_bigmac.schedule.costs import KIND_FIELD, PROFILE_FORMAT  # noqa: E402
-from lightning_bigmac.schedule.pictures import draw_memory  # noqa: E402
+from lightning_bigmac.schedule.pictures import draw_memory, figure, save  # noqa: E402
 
 SCHEDULES = ("bigmac", "ideal", "megatron")
 HEADLINE = (8, 128)
@@ -302,14 +302,10 @@ def print_table(points: Sequence[Point]) -> None:
 def plot(settings: dict[str, list[Point]], path: Path) -> Path:
     """Per P: step time / lower bound and peak live encoder microbatches against M (first setting),
     and megatron's step over bigmac's for every setting against the paper's range."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     first, points = next(iter(settings.items()))
     pps = sorted({pt.pp for pt in points})
-    fig, axes = plt.subplots(3, len(pps), figsize=(5 * len(pps), 9.5), squeeze=False)
+    fig = figure(figsize=(5 * len(pps), 9.5))
+    axes = fig.subplots(3, len(pps), squeeze=False)
     for col, pp in enumerate(pps):
         mine = [pt for pt in points if pt.pp == pp]
         ms = [pt.microbatches for pt in mine]
@@ -333,10 +329,7 @@ def plot(settings: dict[str, list[Point]], path: Path) -> Path:
         axes[1, col].set_ylim(bottom=0)
     fig.suptitle("simulated scale on the balancer's mix (V=2)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def at_headline(points: Sequence[Point]) -> Point:

@@ -65,6 +65,7 @@ from balancer.metrics import schedule_costs
 from lightning_bigmac.runtime import OpEvent, PipelineExecutor, PipelineGroups, Routes, cost_profile
 from lightning_bigmac.schedule import CostModel as ScheduleCosts
 from lightning_bigmac.schedule import Op, Plan, build_plan, simulate
+from lightning_bigmac.schedule.pictures import figure, save
 from lightning_bigmac.testing.spawn import run
 from lightning_bigmac.testing.tiny_mllm import TinyConfig, TinyMLLM, make_microbatches
 
@@ -417,12 +418,8 @@ def report(w: Workload, res: dict[str, Any]) -> str:
 
 def plot(results: Sequence[tuple[Workload, dict[str, Any]]], path: Path) -> None:
     """Grouped bars: samples/s per setup at each encoder share, range over repeats as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = figure(figsize=(7, 4))
+    ax = fig.subplots()
     width = 0.8 / len(SETUPS)
     for i, name in enumerate(SETUPS):
         xs = [g + (i - 1) * width for g in range(len(results))]
@@ -450,9 +447,7 @@ def plot(results: Sequence[tuple[Workload, dict[str, Any]]], path: Path) -> None
     ax.set_title("Training throughput, pp=2 gloo processes, 1 thread each")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .checkpoint import consolidate
 from .contract import Microbatches
-from .schedule.pictures import figure
+from .schedule.pictures import figure, save
 from .strategy import BigMacStrategy
 
 __all__ = ["RunReport", "count_samples"]
@@ -186,5 +186,4 @@ def draw_curves(train_loss: list[tuple[int, float]], val: list[dict[str, float]]
         right.legend()
     right.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save(fig, path, dpi=110)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from .simulate import Simulation
 
-__all__ = ["draw_gantt", "draw_memory", "figure", "op_color"]
+__all__ = ["draw_gantt", "draw_memory", "figure", "op_color", "save"]
 
 # The paper's palette: encoder yellow/orange, LLM forwards blue and backwards green (darker for
 # later chunks), generator red.
@@ -41,6 +41,14 @@ def figure(**kwargs: Any) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path``, creating its folder (a ``pyplot``-free figure needs no closing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 def _windows(sim: Simulation) -> list[tuple[float, float, str]]:
@@ -111,9 +119,7 @@ def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> P
     fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, top + 0.02), ncol=len(legend),
                fontsize=8, frameon=False)  # fmt: skip
     fig.tight_layout(rect=(0, 0, 1, top - 0.03))
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    return path
+    return save(fig, path, dpi=130)
 
 
 def draw_memory(sim: Simulation, path: str | Path, title: str | None = None) -> Path:
@@ -131,6 +137,4 @@ def draw_memory(sim: Simulation, path: str | Path, title: str | None = None) -> 
     axes[-1, 0].set_xlabel("time")
     fig.suptitle(title or f"{sim.plan.schedule}: live activations per rank", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return save(fig, path)
