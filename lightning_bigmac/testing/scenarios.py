@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -199,7 +200,9 @@ def run_cases(
     return out
 
 
-def _profile(ex: PipelineExecutor, plan: Plan, mbs, steps: int, replan=None) -> dict[str, Any]:
+def _profile(
+    ex: PipelineExecutor, plan: Plan, mbs, steps: int, replan: Callable[[CostModel], Plan] | None = None
+) -> dict[str, Any]:
     """Run ``steps`` steps; per step the events of every rank (on pipeline rank 0) and the wall time.
 
     The wall time runs from the profiler's start barrier (where the events' clock starts) to
