@@ -45,8 +45,8 @@ from .runtime.executor import PipelineExecutor, StepResult
 from .runtime.groups import PipelineGroups
 from .runtime.memory import ActivationMeter
 from .runtime.parts import LossWeights
-from .runtime.profiler import OpProfiler
-from .schedule import Plan, ScheduleConfig, build_plan
+from .runtime.profiler import OpProfiler, planning_costs
+from .schedule import CostModel, Plan, ScheduleConfig, build_plan
 from .step_report import StepProfile
 
 __all__ = ["BigMacStrategy"]
@@ -66,6 +66,12 @@ class BigMacStrategy(ParallelStrategy):
             None means 2 x P. Batches with a ``microbatches`` list (the balancer's) bring their own.
         encoder_warmup: bigmac's W; None picks the smallest safe W within 2% of the ideal step.
         llm_warmup: bigmac's LLM warm-up extension: ``"auto"``, ``"minimal"``, ``"group"`` or ints.
+        costs: what plans are built with. None: unit costs without transfer latency (the plan is
+            known before the first step). A path: a cost file or runtime profile, as ``bigmac plan
+            --costs`` reads (its per-kind means). ``"profile"``: time the first training step and
+            plan every later one with its per-kind mean durations and measured transfer latency,
+            where ``llm_warmup="auto"`` may then warm the first stages up one forward further to
+            hide the latency (one more microbatch of LLM activations on those ranks).
         text_loss_weight / generator_loss_weight: weights of the two loss terms; None takes the
             module's ``loss_weights`` attribute (a :class:`LossWeights`) or 1.0.
         split_points: explicit LLM block index where each stage after the first starts.
@@ -86,6 +92,7 @@ class BigMacStrategy(ParallelStrategy):
         microbatches: int | None = None,
         encoder_warmup: int | None = None,
         llm_warmup: str | int | list[int] = "auto",
+        costs: str | None = None,
         text_loss_weight: float | None = None,
         generator_loss_weight: float | None = None,
         split_points: list[int] | None = None,
@@ -117,7 +124,17 @@ class BigMacStrategy(ParallelStrategy):
             encoder_warmup=encoder_warmup,
             llm_warmup=llm_warmup,
         )
-        build_plan(self.schedule)  # an unsafe W or warm-up fails here, before any process starts
+        self._costs: CostModel | None = None
+        if costs not in (None, "profile"):
+            try:
+                self._costs = CostModel.load(costs).typical()
+            except (OSError, ValueError, TypeError) as err:
+                raise ValueError(
+                    f"costs={costs!r}: give None, 'profile' or the path of a cost file or runtime profile ({err})"
+                ) from err
+        self._tune_pending = costs == "profile"
+        """Whether the next training step is profiled to plan the later ones with."""
+        build_plan(self.schedule, costs=self._costs)  # an unsafe W or warm-up fails here, before launch
         self.loss_weights_override = (text_loss_weight, generator_loss_weight)
         self.split_points = split_points
         self.timeout = timeout
@@ -132,6 +149,11 @@ class BigMacStrategy(ParallelStrategy):
         self._profile_next = False
         self._plans: dict[tuple, Plan] = {}
         self._ran_step = False
+
+    @property
+    def costs(self) -> CostModel | None:
+        """The costs plans are built with now (None: unit costs); see the ``costs`` argument."""
+        return self._costs
 
     # ---- layout ---------------------------------------------------------------------------------
     @property
@@ -311,6 +333,7 @@ class BigMacStrategy(ParallelStrategy):
             try:
                 self._plans[key] = build_plan(
                     cfg.schedule,
+                    costs=self._costs,
                     pp=cfg.pp,
                     vpp=cfg.vpp,
                     microbatches=microbatches,
@@ -338,9 +361,12 @@ class BigMacStrategy(ParallelStrategy):
         if training:
             for p in self.executor.parameters():
                 p.grad = None
-        if training and self._profile_next:
-            self._profile_next = False
-            self.last_result = self._profiled_step(plan, microbatches)
+        if training and (self._profile_next or self._tune_pending):
+            self.last_result, profile = self._profiled_step(plan, microbatches)
+            if self._profile_next:
+                self._profile_next, self.last_profile = False, profile
+            if self._tune_pending:
+                self._plan_with(profile)
         else:
             self.last_result = self.executor.step(plan, microbatches)
         self._ran_step = True
@@ -355,7 +381,8 @@ class BigMacStrategy(ParallelStrategy):
         """
         self._profile_next = True
 
-    def _profiled_step(self, plan: Plan, microbatches: list[Any]) -> StepResult:
+    def _profiled_step(self, plan: Plan, microbatches: list[Any]) -> tuple[StepResult, StepProfile | None]:
+        """One step with op timing and activation accounting; its profile on global rank 0."""
         ex, groups = self.executor, self.groups
         assert ex is not None and groups is not None
         ex.profiler, ex.memory = OpProfiler(ex.rank, ex.device), ActivationMeter(ex.parameters())
@@ -370,11 +397,23 @@ class BigMacStrategy(ParallelStrategy):
             )
         finally:
             ex.profiler = ex.memory = None
-        if groups.rank == 0:
-            assert events is not None and peaks is not None
-            step = self.lightning_module.trainer.global_step
-            self.last_profile = StepProfile(step, plan, events, peaks, wall)
-        return result
+        if groups.rank != 0:
+            return result, None
+        assert events is not None and peaks is not None
+        return result, StepProfile(self.lightning_module.trainer.global_step, plan, events, peaks, wall)
+
+    def _plan_with(self, profile: StepProfile | None) -> None:
+        """``costs="profile"``: plan every later step with ``profile``'s costs (global rank 0's,
+        broadcast, so every rank builds the same plans)."""
+        costs = planning_costs(profile.plan, profile.events) if profile is not None else None
+        self._costs, self._tune_pending = self.broadcast(costs), False
+        self._plans.clear()
+        if profile is not None:
+            knobs = self.plan_for(profile.plan.microbatches).knobs
+            rank_zero_info(
+                f"BigMacStrategy: later steps are planned with step {profile.step}'s profile (transfer latency "
+                f"{self._costs.latency * 1e3:.2f} ms): " + ", ".join(f"{k}={v}" for k, v in knobs.items())
+            )
 
     def _call_step(self, hook: str, *args: Any, **kwargs: Any) -> Any:
         self._ran_step = False

@@ -9,7 +9,15 @@ from .groups import PipelineGroups, global_rank, layout
 from .memory import ActivationMeter
 from .partition import Partition, Stage, balanced_bounds, partition, place
 from .parts import LossWeights, PipelineParts
-from .profiler import OpEvent, OpProfiler, chrome_trace, cost_profile, measured_simulation, transfer_latency
+from .profiler import (
+    OpEvent,
+    OpProfiler,
+    chrome_trace,
+    cost_profile,
+    measured_simulation,
+    planning_costs,
+    transfer_latency,
+)
 from .routes import Message, Routes
 from .transfer import PeerError, Transport
 
@@ -37,5 +45,6 @@ __all__ = [
     "measured_simulation",
     "partition",
     "place",
+    "planning_costs",
     "transfer_latency",
 ]

@@ -1,8 +1,8 @@
 """Per-op timing on every rank, exported as a Chrome trace and as the simulator's cost file.
 
 Each op's compute (after its inputs arrived, before its outputs are posted) is timed with
-``time.perf_counter`` and wrapped in a ``torch.profiler.record_function`` range named after the
-op string, so a ``torch.profiler`` trace of the same step shows the same names. Clocks are
+``time.perf_counter`` and, while a ``torch.profiler`` records, wrapped in a ``record_function``
+range named after the op string, so its trace of the same step shows the same names. Clocks are
 normalised per step: the pipeline meets at a barrier and each rank measures from the moment it
 leaves it. Ranks leave a barrier up to milliseconds apart on busy hosts, as long as a transfer,
 so :meth:`OpProfiler.gather` then measures each rank's clock against the gathering rank's with a
@@ -13,6 +13,7 @@ Exports, both built on pipeline rank 0 from every rank's events:
 * :func:`chrome_trace`: ``{"traceEvents": [{"ph": "X", "pid": rank, ...}]}``, opens in Perfetto;
 * :func:`cost_profile`: the ``bigmac-profile/1`` file :meth:`CostModel.load` reads, so a real run
   can be replayed by :func:`~lightning_bigmac.schedule.simulate`;
+* :func:`planning_costs`: the per-kind means and latency to plan later steps with;
 * :func:`measured_simulation`: the profiled step as a :class:`~lightning_bigmac.schedule.Simulation`
   whose intervals are the measured ones, so the simulator's pictures draw the real step.
 """
@@ -25,7 +26,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "chrome_trace",
     "cost_profile",
     "measured_simulation",
+    "planning_costs",
     "transfer_latency",
 ]
 
@@ -80,7 +82,8 @@ class OpProfiler:
     @contextmanager
     def op(self, op: Op) -> Iterator[None]:
         name = str(op)
-        with record_function(name):
+        # a range costs ~0.1 ms per op inside a step even with no torch profiler to record it
+        with record_function(name) if torch.autograd._profiler_enabled() else nullcontext():
             start = self.now()
             yield
             self.events.append(OpEvent(self.rank, name, start, self.now()))
@@ -195,6 +198,13 @@ def cost_profile(plan: Plan, events: Sequence[OpEvent], path: str | Path | None 
     if path is not None:
         Path(path).write_text(json.dumps(data, indent=1))
     return data
+
+
+def planning_costs(plan: Plan, events: Sequence[OpEvent]) -> CostModel:
+    """The costs to plan later steps with, from one profiled step: its mean duration per op kind
+    and its transfer latency (:meth:`CostModel.typical` of its :func:`cost_profile`). What
+    ``BigMacStrategy(costs="profile")`` plans with after its first step."""
+    return CostModel.from_profile(cost_profile(plan, events)).typical()
 
 
 def measured_simulation(plan: Plan, events: Sequence[OpEvent]) -> Simulation:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,17 @@ class CostModel:
                     f"CostModel.{f.name} has {len(value)} values but the plan has {microbatches} "
                     "microbatches: give one value per microbatch or a scalar"
                 )
+
+    def typical(self) -> CostModel:
+        """These costs for planning *other* steps: every per-microbatch array replaced by its mean
+        and the per-op ``measured`` durations dropped (they name the microbatches of the step they
+        were measured on, which another step's data does not share); the latency stays."""
+        means = {
+            f.name: statistics.fmean(value)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), Sequence) and len(value) > 0
+        }
+        return replace(self, **means, measured={})
 
     # ---- files ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,9 @@ Each case is a plain dict:
 ``sizes``       optional ``(images, text tokens)`` per microbatch, overriding ``data``'s random sizes
 ``owners``      optional encoder/generator owner per microbatch (nested schedules), as the balancer gives
 ``steps``       profile only: steps to run (the first warms up)
-``replan``      profile only: plan the steps after the first with the first one's profile
+``replan``      profile only: after the first step, alternate the plan and the plan re-made from
+                the first step's profile (its per-kind means and latency, as
+                ``BigMacStrategy(costs="profile")``)
 ``match_by_order``  pair messages by posting order only, as NCCL does (see ``Transport``)
 ``forward_only``    an evaluation step (loss only, no gradients)
 ==============  ==================================================================================
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from lightning_bigmac.runtime import OpProfiler, PipelineExecutor, PipelineGroups, Transport, cost_profile
+from lightning_bigmac.runtime import OpProfiler, PipelineExecutor, PipelineGroups, Transport, planning_costs
 from lightning_bigmac.runtime.grad_sync import DEFAULT_BUCKET_BYTES
 from lightning_bigmac.schedule import CostModel, Op, Plan, build_plan
 
@@ -203,29 +205,33 @@ def run_cases(
 def _profile(
     ex: PipelineExecutor, plan: Plan, mbs, steps: int, replan: Callable[[CostModel], Plan] | None = None
 ) -> dict[str, Any]:
-    """Run ``steps`` steps; per step the events of every rank (on pipeline rank 0) and the wall time.
+    """Run ``steps`` steps; per step the events of every rank (on pipeline rank 0), the wall time
+    and the plan.
 
     The wall time runs from the profiler's start barrier (where the events' clock starts) to
     ``step``'s return on this rank, gradient sync included: the barrier itself, which only lines
     up the ranks' clocks, and the wait for the other rank to reach it are not the runtime's.
-    ``replan(costs) -> Plan``: after the first step, plan the rest with that step's profile (on
-    pipeline rank 0, sent to the others), as a user would with ``bigmac plan --costs``.
+    ``replan(costs) -> Plan``: after the first step, re-plan with that step's
+    :func:`planning_costs` (on pipeline rank 0, sent to the others), as
+    ``BigMacStrategy(costs="profile")`` does, and alternate the two plans step by step from then
+    on, so that both are timed under the same machine load; such records carry ``tuned``.
     """
     assert ex.profiler is not None
     group = ex.groups.pipeline_group
-    records = []
+    records, plans = [], [plan]
     for step in range(steps):
         for p in ex.parameters():
             p.grad = None
-        ex.step(plan, mbs)
+        run = plans[step % len(plans)]
+        ex.step(run, mbs)
         wall = ex.profiler.now()
         events = ex.profiler.gather(group, dst=ex.groups.pipeline_ranks[0])
-        records.append({"events": events, "wall": wall, "plan": plan.to_dict()})
+        records.append({"events": events, "wall": wall, "plan": run.to_dict(), "tuned": run is not plan})
         if step == 0 and replan is not None:
-            box = [None if events is None else replan(CostModel.from_profile(cost_profile(plan, events)))]
+            box = [None if events is None else replan(planning_costs(plan, events))]
             dist.broadcast_object_list(box, src=ex.groups.pipeline_ranks[0], group=group)
-            plan = box[0]
-    return {"plan": plan.to_dict(), "records": records}
+            plans.append(box[0])
+    return {"plan": plans[-1].to_dict(), "records": records}
 
 
 def fail_mid_step(rank: int, victim: int, mode: str, timeout: float) -> None:

@@ -9,9 +9,10 @@ import json
 import statistics
 
 import pytest
+import torch
 
-from lightning_bigmac.runtime import OpEvent, chrome_trace, cost_profile, transfer_latency
-from lightning_bigmac.schedule import CostModel, Plan, build_plan, simulate
+from lightning_bigmac.runtime import OpEvent, OpProfiler, chrome_trace, cost_profile, transfer_latency
+from lightning_bigmac.schedule import CostModel, Op, Plan, build_plan, simulate
 from lightning_bigmac.testing.scenarios import skewed_clocks
 from lightning_bigmac.testing.spawn import run
 
@@ -90,3 +91,14 @@ def test_latency_comes_only_from_ops_that_waited_for_a_transfer() -> None:
     assert transfer_latency(plan, events) == pytest.approx(0.25)
     # a gap after a busy rank's previous op is the runtime's own cost, not a transfer
     assert transfer_latency(plan, _shifted(events, 0.1)) == pytest.approx(0.25)
+
+
+def test_ops_are_named_in_a_torch_profiler_trace_only_while_one_records() -> None:
+    profiler = OpProfiler(0)
+    with profiler.op(Op.parse("F0.1")):  # timed without a range (one would cost ~0.1 ms per op)
+        torch.ones(4).sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with profiler.op(Op.parse("B0.1")):
+            torch.ones(4).sum()
+    assert "B0.1" in {e.key for e in prof.key_averages()}
+    assert [e.op for e in profiler.events] == ["F0.1", "B0.1"]

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import statistics
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from lightning_bigmac.schedule import (
     SCHEDULES,
     CostModel,
+    Op,
     Plan,
     build_plan,
     lower_bound,
@@ -88,6 +90,11 @@ def test_profile_round_trip_reproduces_the_step(tmp_path):
     # the same measurements predict another schedule of the same step
     other = build_plan("ideal", pp=4, vpp=2, microbatches=m)
     assert simulate(other, loaded).step_time == pytest.approx(simulate(other, truth).step_time)
+    # for planning another step: one mean per kind, the latency kept, no per-op durations
+    typical = loaded.typical()
+    assert not typical.measured and typical.latency == 0.2
+    assert typical.llm_forward == pytest.approx(statistics.fmean(truth.llm_forward))
+    assert typical.duration(0, Op.parse("F0.5")) == typical.llm_forward
 
 
 def test_cost_file_of_fields(tmp_path):

@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--val-steps", type=int, default=0)
     p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--costs", default=None, help="BigMacStrategy(costs=...)")
     p.add_argument("--precision", default="32-true")
     p.add_argument(
         "--join", type=int, default=1, help="reference runs: data-parallel replicas joined per step"
@@ -46,7 +47,7 @@ def main() -> None:
     if strategy == "bigmac":
         strategy = lightning_bigmac.BigMacStrategy(
             pipeline_parallel_size=args.pp, virtual_chunks=args.vpp, schedule=args.schedule,
-            microbatches=args.microbatches, timeout=120,
+            microbatches=args.microbatches, costs=args.costs, timeout=120,
         )  # fmt: skip
     callbacks = []
     if args.ckpt_dir:
@@ -60,13 +61,20 @@ def main() -> None:
     )  # fmt: skip
     data = TinyDataModule(args.steps, args.microbatches, val_steps=args.val_steps, join_replicas=args.join)
     trainer.fit(module, data, ckpt_path=args.resume)
+    planned = None
     if isinstance(trainer.strategy, lightning_bigmac.BigMacStrategy):
         full = trainer.strategy.full_state_dict()
+        costs = trainer.strategy.costs
+        planned = {
+            "latency": None if costs is None else costs.latency,
+            "llm_warmup": trainer.strategy.plan_for(args.microbatches).knobs.get("llm_warmup"),
+        }
     else:
         full = {k: v.detach() for k, v in module.state_dict().items()}
     if trainer.global_rank == 0:
         result = {
             "losses": module.losses,
+            "planned": planned,
             "val_loss": float(trainer.callback_metrics["val_loss"]) if args.val_steps else None,
             "val_acc": float(trainer.callback_metrics["val_acc"]) if args.val_steps else None,
             "params": {k: v.flatten().tolist() for k, v in full.items()},

@@ -1,6 +1,8 @@
 """BigMacStrategy in one process: registration, the model contract, and bad configurations that
 must fail before training with a message naming the setting and the fix."""
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -10,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import lightning_bigmac
 from lightning_bigmac import BigMacStrategy, Microbatches, PipelineParts, check_contract, step_loss
 from lightning_bigmac.contract import split_batch
+from lightning_bigmac.schedule import CostModel
 from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule, TinySteps
 
 
@@ -45,6 +48,16 @@ def test_strategy_names_are_registered_on_import():
 def test_bad_strategy_arguments_fail_in_the_constructor(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BigMacStrategy(**kwargs)
+
+
+def test_costs_from_a_file_plan_with_their_means(tmp_path):
+    assert BigMacStrategy().costs is None and BigMacStrategy(costs="profile").costs is None  # until step 1
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(CostModel(llm_forward=(1.0, 3.0), latency=0.25).to_dict()))
+    costs = BigMacStrategy(costs=str(path)).costs
+    assert costs.llm_forward == 2.0 and costs.latency == 0.25
+    with pytest.raises(ValueError, match="costs='profle': give None, 'profile' or the path"):
+        BigMacStrategy(costs="profle")
 
 
 def test_world_size_not_divisible_by_the_pipeline_fails_before_launch():
