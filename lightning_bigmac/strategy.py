@@ -130,7 +130,8 @@ class BigMacStrategy(ParallelStrategy):
                 self._costs = CostModel.load(costs).typical()
             except (OSError, ValueError, TypeError) as err:
                 raise ValueError(
-                    f"costs={costs!r}: give None, 'profile' or the path of a cost file or runtime profile ({err})"
+                    f"costs={costs!r}: give None, 'profile' or the path of a cost file or runtime "
+                    f"profile ({err})"
                 ) from err
         self._tune_pending = costs == "profile"
         """Whether the next training step is profiled to plan the later ones with."""
@@ -409,10 +410,10 @@ class BigMacStrategy(ParallelStrategy):
         self._costs, self._tune_pending = self.broadcast(costs), False
         self._plans.clear()
         if profile is not None:
-            knobs = self.plan_for(profile.plan.microbatches).knobs
+            knobs = ", ".join(f"{k}={v}" for k, v in self.plan_for(profile.plan.microbatches).knobs.items())
             rank_zero_info(
-                f"BigMacStrategy: later steps are planned with step {profile.step}'s profile (transfer latency "
-                f"{self._costs.latency * 1e3:.2f} ms): " + ", ".join(f"{k}={v}" for k, v in knobs.items())
+                f"BigMacStrategy: later steps are planned with step {profile.step}'s profile (transfer "
+                f"latency {self._costs.latency * 1e3:.2f} ms): {knobs}"
             )
 
     def _call_step(self, hook: str, *args: Any, **kwargs: Any) -> Any:

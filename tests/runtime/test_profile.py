@@ -97,8 +97,8 @@ def test_ops_are_named_in_a_torch_profiler_trace_only_while_one_records() -> Non
     profiler = OpProfiler(0)
     with profiler.op(Op.parse("F0.1")):  # timed without a range (one would cost ~0.1 ms per op)
         torch.ones(4).sum()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        with profiler.op(Op.parse("B0.1")):
-            torch.ones(4).sum()
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu) as prof, profiler.op(Op.parse("B0.1")):
+        torch.ones(4).sum()
     assert "B0.1" in {e.key for e in prof.key_averages()}
     assert [e.op for e in profiler.events] == ["F0.1", "B0.1"]
