@@ -65,10 +65,7 @@ def main() -> None:
     if isinstance(trainer.strategy, lightning_bigmac.BigMacStrategy):
         full = trainer.strategy.full_state_dict()
         costs = trainer.strategy.costs
-        planned = {
-            "latency": None if costs is None else costs.latency,
-            "llm_warmup": trainer.strategy.plan_for(args.microbatches).knobs.get("llm_warmup"),
-        }
+        planned = {"latency": None if costs is None else costs.latency}
     else:
         full = {k: v.detach() for k, v in module.state_dict().items()}
     if trainer.global_rank == 0:
