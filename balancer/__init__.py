@@ -4,8 +4,10 @@ Usable without Lightning or torch: it needs numpy, and the schedule simulator of
 ``lightning_bigmac.schedule`` (pure Python) to judge a packing. See ``balancer/README.md``.
 """
 
+import warnings
+
 from .config import BalancerConfig
-from .cost import Coefficients, CostModel, Geometry, SampleCost, Term, fit_coefficients
+from .cost import Coefficients, Geometry, SampleCost, SampleCostModel, Term, fit_coefficients
 from .packing import PackResult, StepPlan, pack
 from .sampler import BalancedBatchSampler, StepDataset
 from .samples import Sample
@@ -18,11 +20,11 @@ __all__ = [
     "BalancerConfig",
     "Coefficients",
     "CorruptSample",
-    "CostModel",
     "Geometry",
     "PackResult",
     "Sample",
     "SampleCost",
+    "SampleCostModel",
     "Skipped",
     "SkippedSampleWarning",
     "Source",
@@ -33,3 +35,12 @@ __all__ = [
     "fit_coefficients",
     "pack",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "CostModel":  # a deprecated alias, kept for one release (CHANGELOG.md)
+        warnings.warn(
+            "balancer.CostModel is deprecated: use balancer.SampleCostModel", DeprecationWarning, stacklevel=2
+        )
+        return SampleCostModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

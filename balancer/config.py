@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cost import CostModel
+from .cost import SampleCostModel
 
 __all__ = ["OVERSIZE_POLICIES", "BalancerConfig"]
 
@@ -37,7 +37,7 @@ class BalancerConfig:
     ``SampleCost.llm``) may rise to this fraction above the mean (or to the largest LPT load, if
     that is higher). With attention over the pack that is its token count, and the attention term
     makes its cost rise faster: about 1.3 times as fast at 7K tokens with the default coefficients."""
-    cost_model: CostModel = field(default_factory=CostModel)
+    cost_model: SampleCostModel = field(default_factory=SampleCostModel)
     """Sample descriptor -> cost; fit its coefficients from a runtime profile for real runs."""
 
     def __post_init__(self) -> None:

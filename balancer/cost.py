@@ -5,7 +5,7 @@ span, so a microbatch costs the sum over its spans (plus a fixed per-op overhead
 
 * encoder: a span is one image or one temporal slice of a video (``temporal_patch`` frames share
   one patch grid); its size ``n`` is its patch count. Cost ``linear * n + quadratic * n**2``.
-* LLM: what a span is depends on the model's attention mask (:attr:`CostModel.llm_attention`).
+* LLM: what a span is depends on the model's attention mask (:attr:`SampleCostModel.llm_attention`).
   ``"pack"`` (the default): the microbatch is one causal sequence, so a microbatch of sequence
   lengths ``l_i`` costs ``linear * L + quadratic * L**2`` with ``L = sum(l_i)``. This is what the
   project's example model does (``lightning_bigmac.testing.tiny_mllm`` runs
@@ -58,7 +58,7 @@ from .samples import Sample
 __all__ = [
     "LLM_ATTENTION",
     "Coefficients",
-    "CostModel",
+    "SampleCostModel",
     "Geometry",
     "SampleCost",
     "Spans",
@@ -169,8 +169,8 @@ class SampleCost(NamedTuple):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CostModel:
-    """Sample descriptor -> per-module cost. ``CostModel()`` uses the documented defaults."""
+class SampleCostModel:
+    """Sample descriptor -> per-module cost. ``SampleCostModel()`` uses the documented defaults."""
 
     geometry: Geometry = field(default_factory=Geometry)
     """Patch, merge and latent sizes."""
@@ -184,7 +184,7 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.llm_attention not in LLM_ATTENTION:
             raise ValueError(
-                f"CostModel.llm_attention={self.llm_attention!r}: use 'pack' (samples of a microbatch "
+                f"SampleCostModel.llm_attention={self.llm_attention!r}: use 'pack' (samples of a microbatch "
                 "attend to each other) or 'sample' (a document mask keeps each sample to itself)"
             )
 
@@ -298,7 +298,7 @@ def fit_coefficients(
     "events": [{"rank", "op", "start", "end"}, ...]}``); ``microbatches[j]`` holds the samples of
     microbatch ``j`` of the profiled step. An LLM microbatch's duration is the sum of its forward
     (or backward) over every chunk on every rank. ``geometry`` and ``llm_attention`` must be the
-    profiled model's (see :class:`CostModel`): they decide the spans. Terms are in the profile's
+    profiled model's (see :class:`SampleCostModel`): they decide the spans. Terms are in the profile's
     time unit. A kind
     with fewer than ``min_points`` microbatches that have work for it (e.g. the generator in a
     profile without generated images) takes ``fallback``'s term, which must be in the same unit;
@@ -316,7 +316,7 @@ def fit_coefficients(
             f"the profile has microbatches={declared} but {len(microbatches)} microbatch descriptors were "
             "given: pass the samples of every microbatch of the profiled step, in order"
         )
-    model = CostModel(geometry=geometry or Geometry(), llm_attention=llm_attention)
+    model = SampleCostModel(geometry=geometry or Geometry(), llm_attention=llm_attention)
     durations: dict[str, dict[int, float]] = {f.name: {} for f in fields(Coefficients)}
     for ev in profile["events"]:
         op = Op.parse(str(ev["op"]))

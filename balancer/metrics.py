@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .cost import CostModel
+from .cost import SampleCostModel
 from .samples import Sample
 
 if TYPE_CHECKING:
-    from lightning_bigmac.schedule import CostModel as ScheduleCosts
+    from lightning_bigmac.schedule import OpCosts
 
 __all__ = ["column_imbalance", "llm_imbalance", "padding_waste", "schedule_costs", "step_quality"]
 
@@ -46,19 +46,19 @@ def padding_waste(tokens: Sequence[int]) -> float:
 
 
 def schedule_costs(
-    microbatches: Sequence[Sequence[Sample]], model: CostModel, *, pp: int, vpp: int
-) -> ScheduleCosts:
+    microbatches: Sequence[Sequence[Sample]], model: SampleCostModel, *, pp: int, vpp: int
+) -> OpCosts:
     """The schedule simulator's per-microbatch costs for one replica's step."""
     return _schedule_costs([model.op_costs(mb) for mb in microbatches], pp * vpp)
 
 
-def _schedule_costs(ops: Sequence[Mapping[str, float]], chunks: int) -> ScheduleCosts:
-    from lightning_bigmac.schedule import CostModel as ScheduleCosts
+def _schedule_costs(ops: Sequence[Mapping[str, float]], chunks: int) -> OpCosts:
+    from lightning_bigmac.schedule import OpCosts
 
     def column(name: str, divide: int = 1) -> tuple[float, ...]:
         return tuple(o[name] / divide for o in ops)
 
-    return ScheduleCosts(
+    return OpCosts(
         encoder_forward=column("encoder_forward"),
         encoder_backward=column("encoder_backward"),
         llm_forward=column("llm_forward", chunks),  # the simulator times one LLM chunk at a time
@@ -70,7 +70,7 @@ def _schedule_costs(ops: Sequence[Mapping[str, float]], chunks: int) -> Schedule
 def step_quality(
     microbatches: Sequence[Sequence[Sample]],
     owners: Sequence[int],
-    model: CostModel,
+    model: SampleCostModel,
     *,
     pp: int,
     vpp: int,
@@ -78,7 +78,7 @@ def step_quality(
 ) -> dict[str, Any]:
     """Imbalances, padding and (optionally) the simulated ``bigmac`` step time of one replica's step.
 
-    Costs are the microbatches' op durations (:meth:`CostModel.op_costs`, overheads and attention
+    Costs are the microbatches' op durations (:meth:`SampleCostModel.op_costs`, overheads and attention
     over the pack included), the same numbers the simulator is fed.
     """
     ops = [model.op_costs(mb) for mb in microbatches]

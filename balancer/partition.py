@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "Partition",
+    "IndexPartition",
     "assign_rounds",
     "exchange_refine",
     "light_ends_order",
@@ -39,7 +39,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Partition:
+class IndexPartition:
     """Index lists, one per part, and the items no part had room for."""
 
     parts: list[list[int]]
@@ -57,7 +57,7 @@ def lpt(
     *,
     sizes: Sequence[int] | None = None,
     capacity: int | None = None,
-) -> Partition:
+) -> IndexPartition:
     """Longest processing time first: ``parts`` index lists with balanced total weight.
 
     With ``sizes`` and ``capacity`` an item goes to the least-loaded part that has room for its
@@ -96,7 +96,7 @@ def lpt(
                 heapq.heappush(heap, entry)
         assert max(used) <= capacity
     _check_cover(out, n, unplaced)
-    return Partition(out, unplaced)
+    return IndexPartition(out, unplaced)
 
 
 def neighbour_groups(weights: Sequence[float], group_size: int) -> list[list[int]]:

@@ -35,11 +35,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from balancer import BalancedBatchSampler, BalancerConfig, CostModel, Sample, StepPlan, pack
+from balancer import BalancedBatchSampler, BalancerConfig, Sample, SampleCostModel, StepPlan, pack
 from balancer.metrics import step_quality
 from balancer.partition import lpt
-from lightning_bigmac.schedule import CostModel as ScheduleCosts
-from lightning_bigmac.schedule import build_plan, simulate
+from lightning_bigmac.schedule import OpCosts, build_plan, simulate
 
 
 def realistic_mix(n: int, seed: int) -> list[Sample]:
@@ -114,11 +113,11 @@ def methods(samples: list[Sample], config: BalancerConfig) -> dict[str, Method]:
     return {"naive": naive, "greedy": greedy, "ours": ours}
 
 
-def even_step_time(microbatches: list[list[Sample]], model: CostModel, *, pp: int, vpp: int) -> float:
+def even_step_time(microbatches: list[list[Sample]], model: SampleCostModel, *, pp: int, vpp: int) -> float:
     """Simulated step if every microbatch cost the step's mean of every op (owners ``j mod P``)."""
     ops = [model.op_costs(mb) for mb in microbatches]
     mean = {name: statistics.fmean(o[name] for o in ops) for name in ops[0]}
-    costs = ScheduleCosts(
+    costs = OpCosts(
         encoder_forward=mean["encoder_forward"],
         encoder_backward=mean["encoder_backward"],
         llm_forward=mean["llm_forward"] / (pp * vpp),
@@ -137,7 +136,7 @@ def even_step_time(microbatches: list[list[Sample]], model: CostModel, *, pp: in
     return simulate(plan, costs, check=False).step_time
 
 
-def packing_floor(samples: list[Sample], m: int, model: CostModel, *, pp: int) -> float:
+def packing_floor(samples: list[Sample], m: int, model: SampleCostModel, *, pp: int) -> float:
     """The simulator's lower bound for the best conceivable packing of ``samples`` into ``m`` microbatches.
 
     The bound is ``(LLM work + encoder and generator work) / P``. Encoder and generator work is the
@@ -192,7 +191,7 @@ def evaluate(
     return rows
 
 
-def sweep(args: argparse.Namespace, model: CostModel) -> None:
+def sweep(args: argparse.Namespace, model: SampleCostModel) -> None:
     """The floor and our ratio where P is 4 or 8 and M is 4P, 8P or 16P (the paper's figure: P=4, M=64)."""
     print(
         f"\nsweep (V={args.vpp}, token_cap={args.token_cap}, {args.sweep_steps} steps each): step / naive's"
@@ -227,7 +226,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     p, m, cap = args.pp, args.microbatches, args.token_cap
-    model = CostModel(llm_attention=args.llm_attention)
+    model = SampleCostModel(llm_attention=args.llm_attention)
     config = BalancerConfig(pipeline_size=p, microbatches=m, token_cap=cap, cost_model=model)
     rows = evaluate(config, args.vpp, args.steps, args.seed)
 

@@ -39,10 +39,9 @@ import json
 import random
 import statistics
 
-from balancer import BalancerConfig, Coefficients, Geometry, Sample, Term, pack
-from balancer import CostModel as SampleCosts
+from balancer import BalancerConfig, Coefficients, Geometry, Sample, SampleCostModel, Term, pack
 from lightning_bigmac.runtime import cost_profile
-from lightning_bigmac.schedule import CostModel, Plan, simulate
+from lightning_bigmac.schedule import OpCosts, Plan, simulate
 from lightning_bigmac.testing.scenarios import run_cases
 from lightning_bigmac.testing.spawn import run
 
@@ -55,7 +54,7 @@ EXAMPLE_MODEL = {
     "patch_dim": 48,
     "max_len": 160,
 }
-SAMPLE_COSTS = SampleCosts(
+SAMPLE_COSTS = SampleCostModel(
     # a 16x16-pixel image is the tiny model's 16 patches, 16 LLM positions and 16 generated patches
     geometry=Geometry(patch_size=4, merge=1, temporal_patch=1, latent_patch=4),
     # FLOPs relative to one LLM position forward (8 blocks): an encoder patch runs 2 blocks, a
@@ -96,7 +95,7 @@ def step_row(record: dict) -> dict[str, float]:
     """One profiled step's figures (see the module docstring)."""
     plan, events = Plan.from_dict(record["plan"]), record["events"]
     busiest = max(sum(e.end - e.start for e in events if e.rank == r) for r in range(plan.pp))
-    costs = CostModel.from_profile(cost_profile(plan, events))
+    costs = OpCosts.from_profile(cost_profile(plan, events))
     simulated = simulate(plan, costs).step_time
     no_latency = simulate(plan, dataclasses.replace(costs, latency=0.0)).step_time
     return {

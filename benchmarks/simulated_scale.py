@@ -58,10 +58,15 @@ for _path in (_HERE.parent, _HERE):  # the example model (repository root) and t
 
 from balancer_quality import methods, naive_steps, realistic_mix  # noqa: E402
 
-from balancer import BalancerConfig, Coefficients, CostModel, Sample, Term  # noqa: E402
+from balancer import BalancerConfig, Coefficients, Sample, SampleCostModel, Term  # noqa: E402
 from balancer.metrics import schedule_costs  # noqa: E402
-from lightning_bigmac.schedule import CostModel as ScheduleCosts  # noqa: E402
-from lightning_bigmac.schedule import Op, Simulation, build_plan, simulate  # noqa: E402
+from lightning_bigmac.schedule import (  # noqa: E402
+    Op,
+    OpCosts,
+    Simulation,
+    build_plan,
+    simulate,
+)
 from lightning_bigmac.schedule.costs import KIND_FIELD, PROFILE_FORMAT  # noqa: E402
 from lightning_bigmac.schedule.pictures import draw_memory, figure, save  # noqa: E402
 
@@ -96,8 +101,8 @@ def profile_worker(rank: int, groups_of_records: list[list[Any]], steps: int) ->
 
     import torch
 
+    from examples.mllm.collate import collate
     from examples.mllm.config import ModelConfig
-    from examples.mllm.data import pack
     from examples.mllm.model import ExampleMLLM
     from lightning_bigmac.runtime import PipelineExecutor, PipelineGroups
 
@@ -105,7 +110,7 @@ def profile_worker(rank: int, groups_of_records: list[list[Any]], steps: int) ->
     cfg = ModelConfig()
     groups = PipelineGroups.create(2, 1)
     ex = PipelineExecutor(ExampleMLLM(cfg).pipeline_parts(), groups, profile=True, timeout=120.0)
-    mbs = [pack(recs, cfg) for recs in groups_of_records]
+    mbs = [collate(recs, cfg) for recs in groups_of_records]
     plan = build_plan("bigmac", pp=2, microbatches=len(mbs))
     per_step = []
     for _ in range(steps):
@@ -151,7 +156,7 @@ def attention_ratios(cfg: Any) -> dict[str, float]:
 def fit_terms(
     profile: dict[str, Any],
     microbatches: Sequence[Sequence[Sample]],
-    example: CostModel,
+    example: SampleCostModel,
     ratios: dict[str, float],
 ) -> Coefficients:
     """Per op kind: overhead + linear by least squares on the profile, quadratic = linear x ``ratios``.
@@ -181,8 +186,8 @@ def fit_terms(
 
 def profile_example(microbatches: int, steps: int, seed: int) -> tuple[Coefficients, dict[str, Any]]:
     """Real 2-process profile of the example MLLM -> per-sample cost terms in seconds (example units)."""
+    from examples.mllm.collate import balancer_config, describe, metadata_with_sizes
     from examples.mllm.config import DataConfig, ModelConfig
-    from examples.mllm.data import balancer_config, describe, metadata_with_sizes
     from lightning_bigmac.testing.spawn import run
 
     cfg = ModelConfig()
@@ -218,7 +223,7 @@ class Point:
 
 
 def packed_step(
-    model: CostModel, pp: int, m: int, token_cap: int, seed: int
+    model: SampleCostModel, pp: int, m: int, token_cap: int, seed: int
 ) -> tuple[list[list[Sample]], list[int]]:
     """One step of the mix (the samples naive packing would take), packed by the balancer; plus owners."""
     config = BalancerConfig(pipeline_size=pp, microbatches=m, token_cap=token_cap, cost_model=model)
@@ -229,7 +234,7 @@ def packed_step(
     return [[samples[i] for i in mb] for mb in plan.microbatches], list(plan.owners)
 
 
-def simulate_layouts(costs: ScheduleCosts, owners: Sequence[int], pp: int, vpp: int) -> dict[str, Simulation]:
+def simulate_layouts(costs: OpCosts, owners: Sequence[int], pp: int, vpp: int) -> dict[str, Simulation]:
     """bigmac, ideal (the balancer's owners) and megatron (encoder in stage 0) on the same costs."""
     m = len(owners)
     encoder, generator = any(costs.encoder_forward), any(costs.generator)
@@ -250,7 +255,7 @@ def simulate_layouts(costs: ScheduleCosts, owners: Sequence[int], pp: int, vpp: 
     return sims
 
 
-def encoder_share(costs: ScheduleCosts, vpp: int, pp: int) -> float:
+def encoder_share(costs: OpCosts, vpp: int, pp: int) -> float:
     """Encoder work over all work of the step (what megatron's stage 0 pays alone)."""
     enc = sum(costs.encoder_forward) + sum(costs.encoder_backward)
     llm = (sum(costs.llm_forward) + sum(costs.llm_backward)) * pp * vpp
@@ -258,7 +263,12 @@ def encoder_share(costs: ScheduleCosts, vpp: int, pp: int) -> float:
 
 
 def sweep(
-    model: CostModel, pps: Sequence[int], microbatches: Sequence[int], vpp: int, token_cap: int, seed: int
+    model: SampleCostModel,
+    pps: Sequence[int],
+    microbatches: Sequence[int],
+    vpp: int,
+    token_cap: int,
+    seed: int,
 ) -> list[Point]:
     """Every (P, M): one step of the mix packed by the balancer, simulated under each layout."""
     points = []
@@ -374,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     print_coefficients(coefficients)
     models = {
-        "example": CostModel(coefficients=coefficients, llm_attention="sample"),
-        "paper": CostModel(),  # the balancer's defaults: FLOP ratios of Qwen3-30B-A3B + 1.3B ViT
+        "example": SampleCostModel(coefficients=coefficients, llm_attention="sample"),
+        "paper": SampleCostModel(),  # the balancer's defaults: FLOP ratios of Qwen3-30B-A3B + 1.3B ViT
     }
     settings: dict[str, list[Point]] = {}
     for name, model in models.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lightning_bigmac.schedule import SCHEDULES, CostModel, build_plan, simulate
+from lightning_bigmac.schedule import SCHEDULES, OpCosts, build_plan, simulate
 from lightning_bigmac.schedule.pictures import draw_gantt
 
 
@@ -27,7 +27,7 @@ def main() -> None:
 
     llm = 3.0 * args.pp * args.vpp  # forward 1 + backward 2 per chunk
     enc = args.encoder_share / (1 - args.encoder_share) * llm
-    costs = CostModel(encoder_forward=enc / 3, encoder_backward=2 * enc / 3, generator=0.0)
+    costs = OpCosts(encoder_forward=enc / 3, encoder_backward=2 * enc / 3, generator=0.0)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"pp={args.pp} vpp={args.vpp} M={args.microbatches}, encoder {args.encoder_share:.0%} of the work")
     print(f"{'schedule':<12} {'step':>8} {'vs bound':>9} {'encoder peak':>13} {'llm peak':>9}")

@@ -4,8 +4,9 @@ Importing the package registers the strategy names ``"bigmac"`` (script / torchr
 ``"bigmac_spawn"``, ``"bigmac_fork"`` and ``"bigmac_notebook"`` with Lightning.
 """
 
+from .batches import Microbatches
 from .checkpoint import consolidate
-from .contract import Microbatches, check_contract, reference_loss, step_loss
+from .contract import check_contract, reference_loss, step_loss
 from .run_report import RunReport
 from .runtime.parts import LossWeights, PipelineParts
 from .strategy import BigMacStrategy

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .schedule import SCHEDULES, CostModel, Plan, PlanError, Simulation, build_plan, simulate
+from .schedule import SCHEDULES, OpCosts, Plan, PlanError, Simulation, build_plan, simulate
 from .schedule.orders import megatron_warmup
 
 __all__ = ["main"]
@@ -51,7 +51,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
         "--llm-warmup", type=_warmup, default="auto", metavar="auto|minimal|group|N|N,N,..",
         help="bigmac/ideal: extra LLM warm-up forwards per rank",
     )  # fmt: skip
-    p.add_argument("--costs", type=Path, help="cost file (CostModel fields as JSON) or a runtime profile")
+    p.add_argument("--costs", type=Path, help="cost file (OpCosts fields as JSON) or a runtime profile")
     p.add_argument(
         "--from-json", type=Path, help="load a plan in the JSON exchange format instead of building"
     )
@@ -62,7 +62,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_plan)
 
 
-def _reference(plan: Plan, schedule: str, costs: CostModel) -> Simulation | None:
+def _reference(plan: Plan, schedule: str, costs: OpCosts) -> Simulation | None:
     """The same step under another schedule, for comparison; None if that schedule can't take it."""
     try:
         other = build_plan(
@@ -110,7 +110,7 @@ def _report(sim: Simulation, ideal: Simulation | None, megatron: Simulation | No
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    costs = CostModel.load(args.costs) if args.costs else CostModel()
+    costs = OpCosts.load(args.costs) if args.costs else OpCosts()
     if args.from_json:
         plan = Plan.load(args.from_json)
     else:

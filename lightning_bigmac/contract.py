@@ -23,36 +23,38 @@ differentiated: the strategy tells Lightning to skip its own zero-grad and backw
 other strategy it computes the same loss in this process with :func:`reference_loss`, a normal
 differentiable tensor. The module trains unchanged with ``strategy="auto"``.
 
-A batch is either an object with a ``microbatches`` list (and optionally an ``owners`` list, as
-the balancer produces) or any pytree of tensors, which is split along dim 0 into the strategy's
-number of microbatches.
+What a batch may be is described in :mod:`lightning_bigmac.batches`. A strategy that runs steps
+through a pipeline implements :class:`PipelineStepRunner`; this module never imports the strategy.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
+from .batches import microbatches_of
 from .runtime.parts import LossWeights, PipelineParts
 
-__all__ = ["Microbatches", "check_contract", "reference_loss", "split_batch", "step_loss"]
+__all__ = ["PipelineStepRunner", "check_contract", "reference_loss", "step_loss"]
 
 
-@dataclass
-class Microbatches:
-    """A batch already cut into one step's microbatches, with an optional owner map (one rank per
-    microbatch, a permutation of the pipeline ranks within each group). The balancer's output has
-    the same two attributes; any object with a ``microbatches`` list is taken as pre-split."""
+class PipelineStepRunner(abc.ABC):
+    """A strategy that computes a step's loss itself (forward and backward, over its pipeline).
 
-    microbatches: list[Any]
-    owners: list[int] | None = None
-    state: dict[str, Any] | None = None
-    """The data adapter's state right after this step (the balancer's ``StepBatch.state``), kept
-    so that a checkpoint can resume the data exactly; the strategy does not read it."""
+    :func:`step_loss` hands such a strategy the whole batch; any other strategy gets the loss
+    computed in this process.
+    """
+
+    @abc.abstractmethod
+    def run_step(self, batch: Any) -> torch.Tensor:
+        """Run one step of ``batch``; return its global loss (already differentiated when training)."""
+
+    @abc.abstractmethod
+    def last_eval_outputs(self) -> list[Any]:
+        """``PipelineParts.eval_outputs`` of every microbatch of the last step (may be empty)."""
 
 
 def check_contract(module: Any) -> PipelineParts:
@@ -71,40 +73,6 @@ def check_contract(module: Any) -> PipelineParts:
             "expected lightning_bigmac.PipelineParts"
         )
     return parts
-
-
-def split_batch(batch: Any, microbatches: int) -> tuple[list[Any], list[int] | None]:
-    """The step's microbatches and owner map (None: the default ``j mod pp``).
-
-    A batch with a ``microbatches`` attribute is already split (by the balancer); any other batch
-    is a pytree of tensors cut along dim 0 into ``microbatches`` pieces of near-equal size.
-    """
-    if hasattr(batch, "microbatches"):
-        owners = getattr(batch, "owners", None)
-        return list(batch.microbatches), (list(owners) if owners is not None else None)
-    leaves = [x for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor)]
-    if not leaves:
-        raise TypeError(f"cannot split a batch of type {type(batch).__name__}: it holds no tensors")
-    size = leaves[0].shape[0] if leaves[0].dim() else 0
-    if any(x.dim() == 0 or x.shape[0] != size for x in leaves):
-        raise ValueError(
-            "cannot split the batch into microbatches: its tensors differ in dim 0 "
-            f"({sorted({x.shape[0] if x.dim() else 0 for x in leaves})}); give a batch whose tensors share "
-            "the batch dimension, or an object with a `microbatches` list"
-        )
-    if size < microbatches:
-        raise ValueError(
-            f"a batch of {size} samples cannot make microbatches={microbatches}: raise the batch size "
-            "or lower the strategy's `microbatches`"
-        )
-    bounds = [size * i // microbatches for i in range(microbatches + 1)]
-
-    def piece(i: int) -> Any:
-        return pytree.tree_map(
-            lambda x: x[bounds[i] : bounds[i + 1]] if isinstance(x, torch.Tensor) else x, batch
-        )
-
-    return [piece(i) for i in range(microbatches)], None
 
 
 def reference_loss(
@@ -155,18 +123,15 @@ def step_loss(module: Any, batch: Any, *, with_outputs: bool = False) -> Any:
     evaluation steps; an empty list in training or without that hook), the same on every rank,
     to update metrics with.
     """
-    from .strategy import BigMacStrategy  # the strategy imports this module
-
     trainer = getattr(module, "_trainer", None)
     strategy = trainer.strategy if trainer is not None else None
-    if isinstance(strategy, BigMacStrategy):
+    if isinstance(strategy, PipelineStepRunner):
         loss = strategy.run_step(batch)
-        outputs = (strategy.last_result.eval_outputs if strategy.last_result is not None else None) or []
+        outputs = strategy.last_eval_outputs()
     else:
-        # One process: the whole batch is one microbatch (the loss is a sum over targets, so
-        # splitting it would not change its value).
-        microbatches = list(batch.microbatches) if hasattr(batch, "microbatches") else [batch]
         outputs = [] if with_outputs and not module.training else None
         weights = getattr(module, "loss_weights", None)
-        loss = reference_loss(check_contract(module), microbatches, weights=weights, eval_outputs=outputs)
+        loss = reference_loss(
+            check_contract(module), microbatches_of(batch), weights=weights, eval_outputs=outputs
+        )
     return (loss, outputs or []) if with_outputs else loss

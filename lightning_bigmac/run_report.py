@@ -30,8 +30,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from .batches import Microbatches
 from .checkpoint import consolidate
-from .contract import Microbatches
 from .schedule.pictures import figure, save
 from .strategy import BigMacStrategy
 

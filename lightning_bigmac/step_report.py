@@ -17,16 +17,23 @@ result to global rank 0 as a :class:`StepProfile`. :meth:`StepProfile.write` pro
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from .runtime.profiler import OpEvent, chrome_trace, cost_profile, measured_simulation
+import torch.distributed as dist
+
+from .runtime.executor import PipelineExecutor, StepResult
+from .runtime.memory import ActivationMeter
+from .runtime.profiler import OpEvent, OpProfiler, chrome_trace, cost_profile, measured_simulation
 from .schedule import Plan, Simulation
 from .schedule.pictures import draw_gantt, draw_memory
 from .schedule.plan import MODULES
 
-__all__ = ["StepProfile"]
+__all__ = ["StepProfile", "profiled_step"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +106,30 @@ class StepProfile:
         summary = out / "step.json"
         summary.write_text(json.dumps(self.summary(), indent=1))
         return [gantt, memory, out / "trace.json", out / "profile.json", table, summary]
+
+
+def profiled_step(
+    executor: PipelineExecutor, plan: Plan, microbatches: Sequence[Any], step: int
+) -> tuple[StepResult, StepProfile | None]:
+    """Run one step with op timing and activation accounting switched on, then off again.
+
+    A collective over the world: every rank calls it for the same step. Returns the step's result
+    and, on global rank 0 only, the :class:`StepProfile` of its pipeline (replica 0).
+    """
+    ex, groups = executor, executor.groups
+    ex.profiler, ex.memory = OpProfiler(ex.rank, ex.device), ActivationMeter(ex.parameters())
+    try:
+        start = time.perf_counter()
+        result = ex.step(plan, microbatches)
+        wall = time.perf_counter() - start
+        events = ex.profiler.gather(groups.pipeline_group, dst=groups.pipeline_ranks[0])
+        peaks: list[Any] | None = [None] * groups.pp if groups.pipeline_rank == 0 else None
+        dist.gather_object(
+            result.activation_peak, peaks, dst=groups.pipeline_ranks[0], group=groups.pipeline_group
+        )
+    finally:
+        ex.profiler = ex.memory = None
+    if groups.rank != 0:
+        return result, None
+    assert events is not None and peaks is not None
+    return result, StepProfile(step, plan, events, peaks, wall)

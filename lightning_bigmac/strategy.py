@@ -8,12 +8,14 @@ over those. Inside a step, :func:`~lightning_bigmac.contract.step_loss` calls :m
 which replays the plan's forward and backward; Lightning's own zero-grad and backward are
 switched off (``fit_loop._skip_backward``, as Lightning's SWA callback does), so the gradients
 the runtime computed reach the optimizer untouched.
+
+The strategy holds the Lightning lifecycle only and delegates: which plan a step runs to
+:mod:`~lightning_bigmac.planning`, the step itself to :mod:`~lightning_bigmac.runtime`, profiled
+steps to :mod:`~lightning_bigmac.step_report`, files to :mod:`~lightning_bigmac.checkpoint`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -38,23 +40,25 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torchmetrics import Metric
 from typing_extensions import override
 
-from . import checkpoint
-from .contract import check_contract, split_batch
+from .batches import split_batch
+from .checkpoint_hooks import CheckpointHooks
+from .contract import PipelineStepRunner, check_contract
 from .launcher import GatheringLauncher
+from .planning import Planner
 from .runtime.executor import PipelineExecutor, StepResult
+from .runtime.grad_sync import clip_grad_norm_, global_grad_norm
 from .runtime.groups import PipelineGroups
-from .runtime.memory import ActivationMeter
 from .runtime.parts import LossWeights
-from .runtime.profiler import OpProfiler, planning_costs
-from .schedule import CostModel, Plan, ScheduleConfig, build_plan
-from .step_report import StepProfile
+from .schedule import OpCosts, Plan, ScheduleConfig
+from .step_report import StepProfile, profiled_step
+from .trainer_checks import check_layout_fits, check_trainer, check_world_size
 
 __all__ = ["BigMacStrategy"]
 
 _START_METHODS = ("popen", "spawn", "fork")
 
 
-class BigMacStrategy(ParallelStrategy):
+class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
     """Train a multimodal LLM with a pipeline schedule from :mod:`lightning_bigmac.schedule`.
 
     Args:
@@ -66,12 +70,10 @@ class BigMacStrategy(ParallelStrategy):
             None means 2 x P. Batches with a ``microbatches`` list (the balancer's) bring their own.
         encoder_warmup: bigmac's W; None picks the smallest safe W within 2% of the ideal step.
         llm_warmup: bigmac's LLM warm-up extension: ``"auto"``, ``"minimal"``, ``"group"`` or ints.
-        costs: what plans are built with. None: unit costs without transfer latency (the plan is
-            known before the first step). A path: a cost file or runtime profile, as ``bigmac plan
-            --costs`` reads (its per-kind means). ``"profile"``: time the first training step and
-            plan every later one with its per-kind mean durations and measured transfer latency,
-            where ``llm_warmup="auto"`` may then warm the first stages up one forward further to
-            hide the latency (one more microbatch of LLM activations on those ranks).
+        costs: what plans are built with (:class:`~lightning_bigmac.planning.Planner`): None (unit
+            costs: the plan is known before the first step), the path of a cost file or runtime
+            profile, or ``"profile"`` (the first training step's measured costs and latency, with
+            which ``llm_warmup="auto"`` may keep one more microbatch in flight on the first stages).
         text_loss_weight / generator_loss_weight: weights of the two loss terms; None takes the
             module's ``loss_weights`` attribute (a :class:`LossWeights`) or 1.0.
         split_points: explicit LLM block index where each stage after the first starts.
@@ -124,18 +126,7 @@ class BigMacStrategy(ParallelStrategy):
             encoder_warmup=encoder_warmup,
             llm_warmup=llm_warmup,
         )
-        self._costs: CostModel | None = None
-        if costs not in (None, "profile"):
-            try:
-                self._costs = CostModel.load(costs).typical()
-            except (OSError, ValueError, TypeError) as err:
-                raise ValueError(
-                    f"costs={costs!r}: give None, 'profile' or the path of a cost file or runtime "
-                    f"profile ({err})"
-                ) from err
-        self._tune_pending = costs == "profile"
-        """Whether the next training step is profiled to plan the later ones with."""
-        build_plan(self.schedule, costs=self._costs)  # an unsafe W or warm-up fails here, before launch
+        self.planner = Planner(self.schedule, costs)  # an unsafe knob fails here, before launch
         self.loss_weights_override = (text_loss_weight, generator_loss_weight)
         self.split_points = split_points
         self.timeout = timeout
@@ -148,13 +139,12 @@ class BigMacStrategy(ParallelStrategy):
         self.last_profile: StepProfile | None = None
         """The step :meth:`profile_next_step` asked for, on global rank 0 (None elsewhere)."""
         self._profile_next = False
-        self._plans: dict[tuple, Plan] = {}
         self._ran_step = False
 
     @property
-    def costs(self) -> CostModel | None:
+    def costs(self) -> OpCosts | None:
         """The costs plans are built with now (None: unit costs); see the ``costs`` argument."""
-        return self._costs
+        return self.planner.costs
 
     # ---- layout ---------------------------------------------------------------------------------
     @property
@@ -207,13 +197,7 @@ class BigMacStrategy(ParallelStrategy):
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         rank_zero_only.rank = self.global_rank
-        pp, world = self.schedule.pp, self.num_nodes * self.num_processes
-        if world % pp:
-            raise MisconfigurationException(
-                f"BigMacStrategy(pipeline_parallel_size={pp}) needs a world size divisible by {pp}, but "
-                f"devices x num_nodes = {world}: use devices={pp * max(1, world // pp)} or change "
-                "pipeline_parallel_size"
-            )
+        check_world_size(self.schedule.pp, self.num_processes, self.num_nodes)
 
     @override
     def setup_environment(self) -> None:
@@ -229,51 +213,27 @@ class BigMacStrategy(ParallelStrategy):
         rank_zero_info(f"BigMacStrategy: {self.groups.describe()}")
 
     # ---- setup ----------------------------------------------------------------------------------
-    def _check_trainer(self, trainer: pl.Trainer) -> None:
-        module = self.lightning_module
-        if trainer.accumulate_grad_batches != 1:
-            raise MisconfigurationException(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported by "
-                "BigMacStrategy: "
-                "one optimizer step already runs `microbatches` microbatches; raise `microbatches` instead"
-            )
-        if not module.automatic_optimization:
-            raise MisconfigurationException(
-                "BigMacStrategy runs the backward itself and needs automatic optimization: remove "
-                "`self.automatic_optimization = False` from the module"
-            )
-
-    def _loss_weights(self, module: pl.LightningModule) -> LossWeights:
-        base = getattr(module, "loss_weights", None) or LossWeights()
-        text, gen = self.loss_weights_override
-        return LossWeights(
-            text=base.text if text is None else text, generator=base.generator if gen is None else gen
-        )
-
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None and self.groups is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self._check_trainer(trainer)
+        check_trainer(trainer, module)
         parts = check_contract(module)
-        stages = self.schedule.pp * self.schedule.vpp
-        if len(parts.blocks) < stages:
-            raise ValueError(
-                f"the model has {len(parts.blocks)} LLM blocks but pipeline_parallel_size x virtual_chunks = "
-                f"{self.schedule.pp} x {self.schedule.vpp} = {stages} stages need at least one each: "
-                "lower pipeline_parallel_size or virtual_chunks"
-            )
+        check_layout_fits(parts, self.schedule)
         self.precision_plugin.convert_module(self.model)
         self.executor = PipelineExecutor(
             parts,
             self.groups,
             vpp=self.schedule.vpp,
             split_points=self.split_points,
-            weights=self._loss_weights(module),
+            weights=(getattr(module, "loss_weights", None) or LossWeights()).replace_some(
+                *self.loss_weights_override
+            ),
             device=self.root_device,
             timeout=self.timeout,
         )
+        self.planner.use_parts(encoder=parts.encoder is not None, generator=parts.generator is not None)
         self.model_to_device()
         for metric in self.model.modules():
             if isinstance(metric, Metric):  # every pipeline rank saw the same outputs: reduce over replicas
@@ -281,7 +241,7 @@ class BigMacStrategy(ParallelStrategy):
         rank_zero_info(f"BigMacStrategy: {self.executor.partition.describe()}")
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
-            self._restrict_optimizers()
+            self.executor.restrict_optimizers(self.optimizers)
             trainer.fit_loop._skip_backward = True  # the runtime did the backward; see the module docstring
         self.setup_precision_plugin()
         # Lightning clips by a per-rank norm; the global norm spans every stage of the pipeline.
@@ -313,42 +273,14 @@ class BigMacStrategy(ParallelStrategy):
             self.accelerator.teardown()
         self.checkpoint_io.teardown()
 
-    def _restrict_optimizers(self) -> None:
-        """Keep in each optimizer only the parameters this rank holds (configure_optimizers saw all)."""
-        assert self.executor is not None
-        own = {id(p) for p in self.executor.parameters()}
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) in own]
-
     # ---- one step -------------------------------------------------------------------------------
     def plan_for(
         self, microbatches: int, owners: list[int] | None = None, forward_only: bool = False
     ) -> Plan:
         """The (cached) plan of a step with ``microbatches`` microbatches and this owner map."""
-        key = (microbatches, tuple(owners) if owners is not None else None, forward_only)
-        if key not in self._plans:
-            assert self.executor is not None
-            parts = self.executor.parts
-            cfg = self.schedule
-            try:
-                self._plans[key] = build_plan(
-                    cfg.schedule,
-                    costs=self._costs,
-                    pp=cfg.pp,
-                    vpp=cfg.vpp,
-                    microbatches=microbatches,
-                    encoder=parts.encoder is not None,
-                    generator=parts.generator is not None,
-                    encoder_warmup=cfg.encoder_warmup if microbatches == cfg.microbatches else None,
-                    llm_warmup=cfg.llm_warmup,
-                    owners=owners if cfg.schedule in ("ideal", "bigmac") else None,
-                    forward_only=forward_only,
-                )
-            except ValueError as err:
-                raise ValueError(f"cannot plan a step of {microbatches} microbatches: {err}") from err
-        return self._plans[key]
+        return self.planner.plan_for(microbatches, owners, forward_only)
 
+    @override
     def run_step(self, batch: Any) -> torch.Tensor:
         """Run one step of ``batch`` through the pipeline; return its global loss (no graph).
 
@@ -362,16 +294,22 @@ class BigMacStrategy(ParallelStrategy):
         if training:
             for p in self.executor.parameters():
                 p.grad = None
-        if training and (self._profile_next or self._tune_pending):
-            self.last_result, profile = self._profiled_step(plan, microbatches)
+        if training and (self._profile_next or self.planner.wants_profile):
+            step = self.lightning_module.trainer.global_step
+            self.last_result, profile = profiled_step(self.executor, plan, microbatches, step)
             if self._profile_next:
                 self._profile_next, self.last_profile = False, profile
-            if self._tune_pending:
-                self._plan_with(profile)
+            if self.planner.wants_profile:
+                change = self.planner.adopt_profile(profile, self.broadcast, len(microbatches))
+                rank_zero_info(f"BigMacStrategy: {change}")
         else:
             self.last_result = self.executor.step(plan, microbatches)
         self._ran_step = True
         return torch.tensor(self.last_result.loss, device=self.root_device)
+
+    @override
+    def last_eval_outputs(self) -> list[Any]:
+        return (self.last_result.eval_outputs if self.last_result is not None else None) or []
 
     def profile_next_step(self) -> None:
         """Time every op and count saved activations during the next training step (a one-off).
@@ -381,40 +319,6 @@ class BigMacStrategy(ParallelStrategy):
         call this before the same step (a callback's ``on_train_batch_start`` does).
         """
         self._profile_next = True
-
-    def _profiled_step(self, plan: Plan, microbatches: list[Any]) -> tuple[StepResult, StepProfile | None]:
-        """One step with op timing and activation accounting; its profile on global rank 0."""
-        ex, groups = self.executor, self.groups
-        assert ex is not None and groups is not None
-        ex.profiler, ex.memory = OpProfiler(ex.rank, ex.device), ActivationMeter(ex.parameters())
-        try:
-            start = time.perf_counter()
-            result = ex.step(plan, microbatches)
-            wall = time.perf_counter() - start
-            events = ex.profiler.gather(groups.pipeline_group, dst=groups.pipeline_ranks[0])
-            peaks: list[Any] | None = [None] * groups.pp if groups.pipeline_rank == 0 else None
-            dist.gather_object(
-                result.activation_peak, peaks, dst=groups.pipeline_ranks[0], group=groups.pipeline_group
-            )
-        finally:
-            ex.profiler = ex.memory = None
-        if groups.rank != 0:
-            return result, None
-        assert events is not None and peaks is not None
-        return result, StepProfile(self.lightning_module.trainer.global_step, plan, events, peaks, wall)
-
-    def _plan_with(self, profile: StepProfile | None) -> None:
-        """``costs="profile"``: plan every later step with ``profile``'s costs (global rank 0's,
-        broadcast, so every rank builds the same plans)."""
-        costs = planning_costs(profile.plan, profile.events) if profile is not None else None
-        self._costs, self._tune_pending = self.broadcast(costs), False
-        self._plans.clear()
-        if profile is not None:
-            knobs = ", ".join(f"{k}={v}" for k, v in self.plan_for(profile.plan.microbatches).knobs.items())
-            rank_zero_info(
-                f"BigMacStrategy: later steps are planned with step {profile.step}'s profile (transfer "
-                f"latency {self._costs.latency * 1e3:.2f} ms): {knobs}"
-            )
 
     def _call_step(self, hook: str, *args: Any, **kwargs: Any) -> Any:
         self._ran_step = False
@@ -441,28 +345,16 @@ class BigMacStrategy(ParallelStrategy):
 
     # ---- gradients ------------------------------------------------------------------------------
     def global_grad_norm(self) -> float:
-        """The 2-norm of the whole model's gradient, as one process would compute it.
-
-        LLM parameters live on one rank of each pipeline (their gradients already summed over the
-        replicas); encoder and generator gradients are identical on every rank after the sync.
-        """
-        assert self.executor is not None and self.groups is not None
-
-        def sq(params: list[torch.nn.Parameter]) -> torch.Tensor:
-            grads = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
-            return torch.stack(grads).sum() if grads else torch.zeros((), device=self.root_device)
-
-        llm = sq(self.executor.llm_parameters())
-        dist.all_reduce(llm, group=self.groups.pipeline_group)
-        return math.sqrt(float(llm) + float(sq(self.executor.replica_parameters())))
+        """The 2-norm of the whole model's gradient, as one process would compute it (a collective)."""
+        ex = self.executor
+        assert ex is not None
+        return global_grad_norm(
+            ex.llm_parameters(), ex.replica_parameters(), ex.groups.pipeline_group, ex.device
+        )
 
     def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         assert self.executor is not None
-        coef = min(1.0, float(clip_val) / (self.global_grad_norm() + 1e-6))  # torch's clip_grad_norm_ rule
-        if coef < 1.0:
-            for p in self.executor.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        clip_grad_norm_(self.executor.parameters(), self.global_grad_norm(), float(clip_val))
 
     # ---- collectives ----------------------------------------------------------------------------
     @override
@@ -486,45 +378,11 @@ class BigMacStrategy(ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        return checkpoint.owned_state_dict(self.lightning_module)
-
-    @override
-    def save_checkpoint(
-        self, checkpoint_: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError("BigMacStrategy.save_checkpoint(storage_options=...) is not supported")
-        assert self.groups is not None
-        path = self.broadcast(str(filepath))
-        checkpoint.save_shards(checkpoint_, path, self.groups, self.lightning_module, self.barrier)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        assert self.groups is not None
-        return checkpoint.load_shard(checkpoint_path, self.groups, weights_only=bool(weights_only))
-
-    @override
-    def load_model_state_dict(self, checkpoint_: dict[str, Any], strict: bool = True) -> None:
-        checkpoint.load_owned_state_dict(self.lightning_module, checkpoint_["state_dict"], strict=strict)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Every parameter of the model, gathered on global rank 0 (None elsewhere). A collective."""
-        assert self.groups is not None
-        return checkpoint.gather_full_state_dict(self.lightning_module, self.groups)
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        entries = (
-            ("bigmac", "popen"),
-            ("bigmac_spawn", "spawn"),
-            ("bigmac_fork", "fork"),
-            ("bigmac_notebook", "fork"),
-        )
-        for name, start_method in entries:
+        entries = (("bigmac", "popen"), ("bigmac_spawn", "spawn"), ("bigmac_fork", "fork"))
+        for name, start_method in (*entries, ("bigmac_notebook", "fork")):
             if name not in strategy_registry:
                 strategy_registry.register(
                     name, cls, description=f"BigMac nested pipeline, start_method={start_method!r}",

@@ -38,7 +38,7 @@ class ModelConfig:
     heads: int = 4
     """LLM attention heads (rotary positions)."""
     vocab_size: int = 96
-    """LLM vocabulary; at least the tokenizer's (``examples.mllm.data.VOCAB``)."""
+    """LLM vocabulary; at least the tokenizer's (``examples.mllm.tokens.VOCAB``)."""
     generator_dim: int = 256
     """Width of the flow-matching head's MLP."""
     generator_layers: int = 2

@@ -3,7 +3,7 @@
 Read top-down: attention within segments, the transformer block, the four parts the pipeline
 places (encoder, embedding with the projector, LLM blocks, head) plus the generator, then the
 LightningModule that names them in :meth:`ExampleMLLM.pipeline_parts`. A microbatch is one packed
-sequence of several samples (format in :mod:`examples.mllm.data`).
+sequence of several samples (format in :mod:`examples.mllm.collate`).
 
 Packing without cross-talk: every attention runs within a *segment*, one sample in the LLM
 (causal) and one image or one video frame in the encoder (bidirectional). Segments are batched
@@ -30,9 +30,10 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_bigmac import LossWeights, PipelineParts, step_loss
 
+from .collate import collate, unpatchify
 from .config import ModelConfig
-from .data import GEN, IMG, VOCAB, pack, unpatchify
 from .sources import Record
+from .tokens import GEN, IMG, VOCAB
 
 __all__ = ["Block", "Embedding", "ExampleMLLM", "FlowHead", "Head", "VisionEncoder", "segment_attention"]
 
@@ -147,7 +148,9 @@ class Embedding(nn.Module):
             visual = self.projector(enc["features"].reshape(-1, self.merged))  # [N / merge², D]
             at = (tokens == IMG).nonzero().squeeze(1)
             if len(at) != len(visual):
-                raise ValueError(f"{len(at)} <img> tokens, {len(visual)} merged encoder tokens: see pack()")
+                raise ValueError(
+                    f"{len(at)} <img> tokens, {len(visual)} merged encoder tokens: see collate()"
+                )
             h = h.index_put((at,), visual)
         gen, pos = (tokens == GEN).nonzero().squeeze(1), mb["gen_pos"]  # pos: [G, 2]
         h = h.index_add(0, gen, self.gen_row(pos[:, 0]) + self.gen_col(pos[:, 1]))
@@ -313,7 +316,7 @@ class ExampleMLLM(pl.LightningModule):
         runs once, since the hidden states at the ``<gen>`` positions do not depend on the noise.
         """
         meta = {"kind": "draw", "prompt": prompt, "answer": "", "choices": 0}
-        mb = pack([Record("generate", meta, outputs=[np.zeros((size, size, 3), np.uint8)])], self.config)
+        mb = collate([Record("generate", meta, outputs=[np.zeros((size, size, 3), np.uint8)])], self.config)
         mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
         h = self(mb)["h"][mb["tokens"] == GEN]  # [G, D]
         x = torch.randn(len(h), self.config.patch_dim, generator=torch.Generator().manual_seed(seed)).to(h)

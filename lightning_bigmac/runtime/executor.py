@@ -120,7 +120,7 @@ class PipelineExecutor:
     Construction is collective over the world (it connects every transfer channel): build the
     :class:`PipelineGroups` first, then one executor per rank with the same arguments.
 
-    ``vpp``/``split_points``/``block_costs`` choose the partition (see
+    ``vpp``/``split_points`` choose the partition (see
     :func:`~lightning_bigmac.runtime.partition.partition`); after construction the rank holds
     only its stages' parameters (plus encoder and generator replicas). ``timeout`` (seconds)
     bounds every wait for a peer. ``measure_memory``/``profile`` switch on activation accounting
@@ -134,7 +134,6 @@ class PipelineExecutor:
         *,
         vpp: int = 1,
         split_points: Sequence[int] | None = None,
-        block_costs: Sequence[float] | None = None,
         weights: LossWeights | None = None,
         device: torch.device | str = "cpu",
         timeout: float = 300.0,
@@ -148,9 +147,7 @@ class PipelineExecutor:
         self.device = torch.device(device)
         self.bucket_bytes = bucket_bytes
         self.rank = groups.pipeline_rank
-        self.partition: Partition = partition(
-            parts, groups.pp, vpp, costs=block_costs, split_points=split_points
-        )
+        self.partition: Partition = partition(parts, groups.pp, vpp, split_points=split_points)
         self.stages: list[Stage] = place(parts, self.partition, self.rank, self.device)
         self.transport = Transport(groups, device=self.device, timeout=timeout, match_by_order=match_by_order)
         self.transport.connect()
@@ -208,13 +205,13 @@ class PipelineExecutor:
             dist.all_reduce(counts, group=self.groups.dp_group)
         return int(counts[0].item()), int(counts[1].item())
 
-    def step(self, plan: Plan, microbatches: Sequence[Any], *, sync: bool = True) -> StepResult:
-        """Run one optimizer step's forward and backward of ``plan``; gradients accumulate in ``.grad``.
+    def step(self, plan: Plan, microbatches: Sequence[Any]) -> StepResult:
+        """Run one optimizer step's forward and backward of ``plan``; gradients accumulate in ``.grad``
+        and are summed over the replicas before it returns.
 
         Every rank of every pipeline calls it with the same plan (and its replica's microbatches).
-        ``sync=False`` skips the gradient all-reduce (e.g. to accumulate several plans first; call
-        :meth:`sync_gradients` then). A ``forward_only`` plan (evaluation) runs without autograd,
-        keeps nothing and only reports the losses.
+        A ``forward_only`` plan (evaluation) runs without autograd, keeps nothing and only reports
+        the losses.
         """
         self._check(plan, microbatches)
         run = _Step(self, plan, self.routes(plan), [_to(mb, self.device) for mb in microbatches])
@@ -224,9 +221,16 @@ class PipelineExecutor:
             self.profiler.start_step(self.groups.pipeline_group)
         with torch.set_grad_enabled(not plan.forward_only):
             run.execute()
-        if sync and not plan.forward_only:
+        if not plan.forward_only:
             self.sync_gradients(plan)
         return run.result()
+
+    def restrict_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Keep in each optimizer only the parameters this rank holds (``configure_optimizers`` saw all)."""
+        own = {id(p) for p in self.parameters()}
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) in own]
 
     def sync_gradients(self, plan: Plan | None = None) -> int:
         """Sum gradients over the right groups; returns the number of all-reduce calls.

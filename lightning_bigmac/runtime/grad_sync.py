@@ -13,12 +13,13 @@ zeros, so every rank of the group posts the same buckets in the same order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "all_reduce_grads", "buckets"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "all_reduce_grads", "buckets", "clip_grad_norm_", "global_grad_norm"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 
@@ -67,3 +68,34 @@ def all_reduce_grads(
             p.grad = flat[offset : offset + n].view_as(p)
             offset += n
     return calls
+
+
+def _squares(params: Sequence[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
+    grads = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+    return torch.stack(grads).sum() if grads else torch.zeros((), device=device)
+
+
+def global_grad_norm(
+    llm: Sequence[torch.nn.Parameter],
+    replicas: Sequence[torch.nn.Parameter],
+    pipeline_group: dist.ProcessGroup,
+    device: torch.device,
+) -> float:
+    """The 2-norm of the whole model's gradient, as one process would compute it (a collective).
+
+    ``llm`` parameters live on one rank of each pipeline (their gradients already summed over the
+    replicas): their squares are summed over ``pipeline_group``. ``replicas`` (encoder and
+    generator) gradients are identical on every rank after the sync, so each rank adds them once.
+    """
+    squares = _squares(llm, device)
+    dist.all_reduce(squares, group=pipeline_group)
+    return math.sqrt(float(squares) + float(_squares(replicas, device)))
+
+
+def clip_grad_norm_(params: Sequence[torch.nn.Parameter], norm: float, max_norm: float) -> None:
+    """Scale ``params``' gradients by ``max_norm / norm`` when below 1 (``clip_grad_norm_``'s rule)."""
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)

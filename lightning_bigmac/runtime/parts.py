@@ -46,6 +46,13 @@ class LossWeights:
     generator: float = 1.0
     """Weight of the generator loss (mean over all generator targets of the step)."""
 
+    def replace_some(self, text: float | None = None, generator: float | None = None) -> LossWeights:
+        """These weights with ``text`` and/or ``generator`` replaced where given (not None)."""
+        return LossWeights(
+            text=self.text if text is None else text,
+            generator=self.generator if generator is None else generator,
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineParts:

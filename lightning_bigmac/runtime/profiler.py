@@ -11,7 +11,7 @@ few round trips (the offset of the fastest one, as NTP does) and shifts its even
 Exports, both built on pipeline rank 0 from every rank's events:
 
 * :func:`chrome_trace`: ``{"traceEvents": [{"ph": "X", "pid": rank, ...}]}``, opens in Perfetto;
-* :func:`cost_profile`: the ``bigmac-profile/1`` file :meth:`CostModel.load` reads, so a real run
+* :func:`cost_profile`: the ``bigmac-profile/1`` file :meth:`OpCosts.load` reads, so a real run
   can be replayed by :func:`~lightning_bigmac.schedule.simulate`;
 * :func:`planning_costs`: the per-kind means and latency to plan later steps with;
 * :func:`measured_simulation`: the profiled step as a :class:`~lightning_bigmac.schedule.Simulation`
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from lightning_bigmac.schedule import CostModel, DataFlow, Interval, Op, Plan, Simulation
+from lightning_bigmac.schedule import DataFlow, Interval, Op, OpCosts, Plan, Simulation
 from lightning_bigmac.schedule.costs import PROFILE_FORMAT
 
 __all__ = [
@@ -200,11 +200,11 @@ def cost_profile(plan: Plan, events: Sequence[OpEvent], path: str | Path | None 
     return data
 
 
-def planning_costs(plan: Plan, events: Sequence[OpEvent]) -> CostModel:
+def planning_costs(plan: Plan, events: Sequence[OpEvent]) -> OpCosts:
     """The costs to plan later steps with, from one profiled step: its mean duration per op kind
-    and its transfer latency (:meth:`CostModel.typical` of its :func:`cost_profile`). What
+    and its transfer latency (:meth:`OpCosts.typical` of its :func:`cost_profile`). What
     ``BigMacStrategy(costs="profile")`` plans with after its first step."""
-    return CostModel.from_profile(cost_profile(plan, events)).typical()
+    return OpCosts.from_profile(cost_profile(plan, events)).typical()
 
 
 def measured_simulation(plan: Plan, events: Sequence[OpEvent]) -> Simulation:
@@ -223,4 +223,4 @@ def measured_simulation(plan: Plan, events: Sequence[OpEvent]) -> Simulation:
         intervals.append(
             tuple(Interval(rank, op, at[(rank, str(op))].start, at[(rank, str(op))].end) for op in ops)
         )
-    return Simulation(plan, CostModel.from_profile(cost_profile(plan, events)), tuple(intervals))
+    return Simulation(plan, OpCosts.from_profile(cost_profile(plan, events)), tuple(intervals))

@@ -2,19 +2,10 @@
 
 Every microbatch may have its own sequence length and image count, so nothing is padded and no
 receive buffer is sized in advance: each message starts with a fixed-size int64 *envelope* that
-holds its header, followed by one payload transfer per non-empty tensor leaf. The header
-carries, in order::
-
-    [length, tag, num_leaves, spec_bytes, inline,  per leaf: dtype code, requires_grad, ndim, *shape,  spec]
-
-``dtype code`` -1 marks a ``None`` leaf; ``spec`` is the pytree structure
-(``torch.utils._pytree.treespec_dumps``) as bytes. A header longer than the envelope continues
-in a second message. The ``tag`` slot repeats the message's tag so that a receiver reading a
-different message than it expects fails loudly on backends that ignore tags (NCCL). When the
-header and every leaf fit the envelope (``inline`` 1), the leaves ride in it after the header,
-each padded to 8 bytes, and the message is one transfer. The envelope is
-:data:`HEADER_SLOTS` words, or ``inline_bytes`` (:class:`Transport`) if larger: gloo defaults
-to :data:`GLOO_INLINE_BYTES`, which holds a CPU-sized model's activations.
+holds its header (:mod:`~lightning_bigmac.runtime.wire`), followed by one payload transfer per
+non-empty tensor leaf, or by nothing when the leaves fit in the envelope after the header. The
+envelope is :data:`HEADER_SLOTS` words, or ``inline_bytes`` (:class:`Transport`) if larger: gloo
+defaults to :data:`GLOO_INLINE_BYTES`, which holds a CPU-sized model's activations.
 
 Message matching. Gloo matches by ``(peer, tag)``; NCCL ignores tags and matches operations in
 posting order on a communicator. Messages from ``a`` to ``b`` travel on a group of their own
@@ -47,8 +38,6 @@ The price is one envelope per peer and one gradient-sized buffer per answer in f
 from __future__ import annotations
 
 import datetime
-import functools
-import math
 import threading
 import time
 from collections import deque
@@ -61,7 +50,9 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
+from .errors import PeerError
 from .groups import PipelineGroups
+from .wire import Meta, answer_payload, answer_slots, decode_header, encode_header, leaf_words, meta_of
 
 __all__ = ["GLOO_INLINE_BYTES", "HEADER_SLOTS", "PARTS", "PeerError", "Transport"]
 
@@ -72,124 +63,6 @@ GLOO_INLINE_BYTES = 256 * 1024
 PARTS = 4096
 """Sub-messages per message: header, header overflow and up to ``PARTS - 2`` tensor leaves."""
 _MAX_TAG = 2**31 - 1
-
-_DTYPES = (
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-    torch.complex64,
-)
-_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
-
-
-Meta = tuple[torch.dtype, bool, list[int]] | None
-"""What the header says of one leaf: dtype, requires_grad, shape; None for a ``None`` leaf."""
-Slot = tuple[torch.dtype, list[int]] | None
-"""Where an answer holds a tensor (its dtype and shape); None where it must hold None."""
-
-
-class PeerError(RuntimeError):
-    """A message from or to a peer did not complete: the peer died or never sent it in time."""
-
-
-@functools.lru_cache(maxsize=1024)
-def _spec_words(spec: pytree.TreeSpec) -> tuple[int, tuple[int, ...]]:
-    """``spec`` serialised for a header: its byte length and the bytes as int64 words (cached:
-    a step sends the same few structures over and over, and serialising one costs ~50 us)."""
-    raw = pytree.treespec_dumps(spec).encode()
-    return len(raw), tuple(np.frombuffer(raw + b"\0" * (-len(raw) % 8), dtype=np.int64).tolist())
-
-
-@functools.lru_cache(maxsize=1024)
-def _load_spec(raw: bytes) -> pytree.TreeSpec:
-    return pytree.treespec_loads(raw.decode())
-
-
-def _encode_header(tag: int, spec: pytree.TreeSpec, leaves: list[Any]) -> list[int]:
-    """The header of a message with ``leaves`` of structure ``spec``; its ``inline`` slot is 0
-    (the sender sets it once it knows whether the leaves fit the envelope)."""
-    body: list[int] = []
-    for leaf in leaves:
-        if leaf is None:
-            body.append(-1)
-            continue
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"only tensors and None can cross a pipeline stage, got a {type(leaf).__name__} leaf; "
-                "put Python values into the microbatch instead (every rank receives it)"
-            )
-        if leaf.dtype not in _CODE:
-            raise TypeError(f"dtype {leaf.dtype} cannot cross a pipeline stage; supported: {list(_CODE)}")
-        body += [_CODE[leaf.dtype], int(leaf.requires_grad), leaf.dim(), *leaf.shape]
-    spec_bytes, words = _spec_words(spec)
-    header = [0, tag, len(leaves), spec_bytes, 0, *body, *words]
-    header[0] = len(header)
-    return header
-
-
-def _decode_header(header: list[int]) -> tuple[pytree.TreeSpec, list[Meta]]:
-    num_leaves, spec_bytes = header[2], header[3]
-    pos, metas = 5, []
-    for _ in range(num_leaves):
-        code = header[pos]
-        if code < 0:
-            metas.append(None)
-            pos += 1
-            continue
-        ndim = header[pos + 2]
-        metas.append((_DTYPES[code], bool(header[pos + 1]), header[pos + 3 : pos + 3 + ndim]))
-        pos += 3 + ndim
-    raw = np.asarray(header[pos:], dtype=np.int64).tobytes()[:spec_bytes]
-    return _load_spec(raw), metas
-
-
-def _words(leaf: torch.Tensor) -> int:
-    """int64 words ``leaf`` takes in an envelope (its bytes padded to 8)."""
-    return -(-leaf.numel() * leaf.element_size() // 8)
-
-
-def _meta(leaf: torch.Tensor | None) -> Meta:
-    return None if leaf is None else (leaf.dtype, leaf.requires_grad, list(leaf.shape))
-
-
-def _answer_slots(request: list[Meta]) -> list[Slot]:
-    """Slots of an answer to a message with leaves ``request``: a gradient per leaf that requires
-    grad (autograd gives it that leaf's dtype and shape), None elsewhere."""
-    return [(m[0], m[2]) if m is not None and m[1] else None for m in request]
-
-
-def _answer_payload(
-    leaves: list[Any], spec: pytree.TreeSpec, slots: list[Slot], device: torch.device, what: str
-) -> list[torch.Tensor]:
-    """The buffers of an answer, whose receives the peer posted in advance: one per non-empty slot.
-
-    A None leaf in a tensor slot (an input its stage did not use) travels as zeros of the slot's
-    size: the posted receive expects it, and a zero gradient adds nothing in backward.
-    """
-    if spec != pytree.tree_structure([None] * len(slots)):
-        raise ValueError(f"{what}: an answer must be a flat list of one entry per leaf of its request")
-    bufs = []
-    for i, (leaf, slot) in enumerate(zip(leaves, slots, strict=True)):
-        if slot is None:
-            if leaf is not None:
-                raise ValueError(f"{what}: entry {i} answers a leaf that does not require grad, must be None")
-            continue
-        if leaf is not None and (leaf.dtype, list(leaf.shape)) != slot:
-            raise ValueError(
-                f"{what}: entry {i} is {leaf.dtype} {list(leaf.shape)}, its request's leaf {slot}"
-            )
-        if leaf is None and math.prod(slot[1]) > 0:
-            bufs.append(torch.zeros(slot[1], dtype=slot[0], device=device))
-        elif leaf is not None and leaf.numel() > 0:
-            bufs.append(leaf.detach().contiguous())
-    return bufs
 
 
 @dataclass(eq=False)
@@ -303,22 +176,22 @@ class Transport:
             raise ValueError(f"{what}: {len(leaves)} tensors cross the stage but at most {PARTS - 2} may")
         if answers is None:
             payload = [leaf.detach().contiguous() for leaf in leaves if leaf is not None and leaf.numel() > 0]
-            header = _encode_header(tag, spec, leaves)
-            if len(header) + sum(_words(leaf) for leaf in payload) <= self.envelope:
+            header = encode_header(tag, spec, leaves)
+            if len(header) + sum(leaf_words(leaf) for leaf in payload) <= self.envelope:
                 header[4] = 1  # inline
                 bufs = self._envelope(header, payload)
             else:
                 bufs = self._envelope(header, []) + payload
         else:
-            slots = _answer_slots(self._request_of(dst, answers, what))
-            bufs = _answer_payload(leaves, spec, slots, self.device, what)
+            slots = answer_slots(self._request_of(dst, answers, what))
+            bufs = answer_payload(leaves, spec, slots, self.device, what)
         group, peer = self.groups.channels[(self.groups.pipeline_rank, dst)], self._peer(dst)
         for part, buf in enumerate(bufs):
             sub = self._sub_tag(tag, part)
             self._pending.append((dist.isend(buf, dst=peer, group=group, tag=sub), [buf], dst, what))
         answer = self._awaiting.pop((dst, tag), None)
         if answer is not None:
-            answer.request = [_meta(leaf) for leaf in leaves]
+            answer.request = [meta_of(leaf) for leaf in leaves]
             answer.request_sent.set()
         self._prune()
 
@@ -329,7 +202,7 @@ class Transport:
         Gloo fills a receive from a shorter send, so there only the used part of the envelope
         travels; NCCL needs equal sizes (and so does ``match_by_order``, which stands in for it).
         """
-        used = len(header) + sum(_words(leaf) for leaf in inline)
+        used = len(header) + sum(leaf_words(leaf) for leaf in inline)
         size = min(used, self.envelope) if self._gloo and not self.match_by_order else self.envelope
         words = np.zeros(max(len(header), size), dtype=np.int64)
         words[: len(header)] = header
@@ -341,7 +214,7 @@ class Transport:
         for leaf in inline:
             n = leaf.numel() * leaf.element_size()
             raw[pos : pos + n].copy_(leaf.reshape(-1).view(torch.uint8))
-            pos += _words(leaf) * 8
+            pos += leaf_words(leaf) * 8
         return bufs
 
     def _request_of(self, dst: int, tag: int, what: str) -> list[Meta]:
@@ -424,7 +297,7 @@ class Transport:
             if msg.answers is not None:
                 if not self._request_sent(src, msg, deadline):
                     return False
-                slots = _answer_slots(msg.request)
+                slots = answer_slots(msg.request)
                 msg.spec = pytree.tree_structure([None] * len(slots))
                 self._post_leaves(src, msg, [None if s is None else (s[0], False, s[1]) for s in slots], 0)
                 return True
@@ -446,7 +319,7 @@ class Transport:
                 return True
         else:
             msg.header += envelope.tolist()
-        msg.spec, metas = _decode_header(msg.header)
+        msg.spec, metas = decode_header(msg.header)
         msg.works = []
         if msg.header[4]:
             self._unpack_inline(msg, metas, envelope)
@@ -488,7 +361,7 @@ class Transport:
             if leaf is not None:
                 n = leaf.numel() * leaf.element_size()
                 leaf.view(-1).view(torch.uint8).copy_(raw[pos : pos + n])
-                pos += _words(leaf) * 8
+                pos += leaf_words(leaf) * 8
             msg.leaves.append(leaf)
 
     def _post_leaves(self, src: int, msg: _Incoming, metas: list[Meta], part: int) -> None:

@@ -4,9 +4,11 @@ Pure Python: nothing here imports torch or torch.distributed, so plans can be bu
 and drawn anywhere (tests, the ``bigmac plan`` CLI, a notebook) before a process group exists.
 """
 
+import warnings
+
 from .builders import build_plan
 from .config import SCHEDULES, ScheduleConfig
-from .costs import CostModel
+from .costs import OpCosts
 from .dataflow import DataFlow, stage_of
 from .engine import Deadlock, Interval
 from .plan import Op, Plan, PlanFormatError
@@ -15,11 +17,11 @@ from .validate import PlanError, validate
 
 __all__ = [
     "SCHEDULES",
-    "CostModel",
     "DataFlow",
     "Deadlock",
     "Interval",
     "Op",
+    "OpCosts",
     "Plan",
     "PlanError",
     "PlanFormatError",
@@ -31,3 +33,14 @@ __all__ = [
     "stage_of",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "CostModel":  # a deprecated alias, kept for one release (CHANGELOG.md)
+        warnings.warn(
+            "lightning_bigmac.schedule.CostModel is deprecated: use lightning_bigmac.schedule.OpCosts",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return OpCosts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

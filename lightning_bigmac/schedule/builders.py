@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ScheduleConfig
-from .costs import CostModel
+from .costs import OpCosts
 from .dataflow import default_owners
 from .nested import build_nested
 from .orders import gpipe_order, one_f_one_b_order
@@ -67,7 +67,7 @@ def _plan(cfg: ScheduleConfig, ranks: list) -> Plan:
 
 
 def build_plan(
-    schedule: str | ScheduleConfig = "bigmac", *, costs: CostModel | None = None, **fields: Any
+    schedule: str | ScheduleConfig = "bigmac", *, costs: OpCosts | None = None, **fields: Any
 ) -> Plan:
     """Build and validate the plan of one optimizer step.
 
@@ -77,7 +77,7 @@ def build_plan(
     Raises ``ValueError`` for a config no builder accepts or an unsafe user-given knob.
     """
     cfg = schedule if isinstance(schedule, ScheduleConfig) else ScheduleConfig(schedule=schedule, **fields)
-    costs = costs or CostModel()
+    costs = costs or OpCosts()
     costs.check_length(cfg.microbatches)
     nested = cfg.schedule in ("ideal", "bigmac")
     if cfg.forward_only:

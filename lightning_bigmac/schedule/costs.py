@@ -2,7 +2,7 @@
 
 Three sources, one type:
 
-* constants (``CostModel()`` gives unit LLM forwards, backwards twice as long as forwards);
+* constants (``OpCosts()`` gives unit LLM forwards, backwards twice as long as forwards);
 * per-microbatch arrays, e.g. from the balancer's cost model, where encoder work follows the
   image count and LLM work the packed sequence length;
 * a profile written by the runtime (``bigmac-profile/1``): measured durations of every op of a
@@ -20,7 +20,7 @@ from typing import Any
 
 from .plan import EB, EF, MODULE_OF_KIND, B, F, G, Op
 
-__all__ = ["PROFILE_FORMAT", "CostModel", "PerMicrobatch"]
+__all__ = ["PROFILE_FORMAT", "OpCosts", "PerMicrobatch"]
 
 PerMicrobatch = float | Sequence[float]
 """A value for every microbatch (a scalar applies to all of them)."""
@@ -45,7 +45,7 @@ def _at(value: PerMicrobatch | None, j: int) -> float | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CostModel:
+class OpCosts:
     """Durations (any time unit; seconds when loaded from a profile) and activation sizes."""
 
     encoder_forward: PerMicrobatch = 1.0
@@ -91,11 +91,11 @@ class CostModel:
             value = getattr(self, f.name)
             if isinstance(value, Sequence) and len(value) < microbatches:
                 raise ValueError(
-                    f"CostModel.{f.name} has {len(value)} values but the plan has {microbatches} "
+                    f"OpCosts.{f.name} has {len(value)} values but the plan has {microbatches} "
                     "microbatches: give one value per microbatch or a scalar"
                 )
 
-    def typical(self) -> CostModel:
+    def typical(self) -> OpCosts:
         """These costs for planning *other* steps: every per-microbatch array replaced by its mean
         and the per-op ``measured`` durations dropped (they name the microbatches of the step they
         were measured on, which another step's data does not share); the latency stays."""
@@ -111,7 +111,7 @@ class CostModel:
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CostModel:
+    def from_dict(cls, data: Mapping[str, Any]) -> OpCosts:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -119,7 +119,7 @@ class CostModel:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
     @classmethod
-    def from_profile(cls, data: Mapping[str, Any]) -> CostModel:
+    def from_profile(cls, data: Mapping[str, Any]) -> OpCosts:
         """Costs from a runtime profile: every op's measured duration, per-kind means as fallback.
 
         The transfer latency is the profile's own ``latency`` entry (0 when it has none).
@@ -137,7 +137,7 @@ class CostModel:
         return cls(**means, latency=float(data.get("latency", 0.0)), measured=measured)
 
     @classmethod
-    def load(cls, path: str | Path) -> CostModel:
+    def load(cls, path: str | Path) -> OpCosts:
         """Read a cost file (the fields of this class as JSON) or a runtime profile."""
         data = json.loads(Path(path).read_text())
         if isinstance(data, dict) and "events" in data:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
-from .costs import CostModel
+from .costs import OpCosts
 from .dataflow import DataFlow, PlacedOp
 from .plan import Op
 
@@ -53,7 +53,7 @@ class ColumnPolicy(Protocol):
 def replay(
     static: Sequence[Sequence[Op]],
     flow: DataFlow,
-    costs: CostModel,
+    costs: OpCosts,
     policy: ColumnPolicy | None = None,
 ) -> list[list[Interval]]:
     """Run the ranks' op lists (and any released columns) on the clock; return each rank's intervals.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .config import ScheduleConfig
-from .costs import CostModel
+from .costs import OpCosts
 from .dataflow import DataFlow, default_owners
 from .engine import Deadlock, Interval, replay
 from .orders import one_f_one_b_order
@@ -84,7 +84,7 @@ class _Search:
     always replayed and validated at full size.
     """
 
-    def __init__(self, cfg: ScheduleConfig, owners: Sequence[int], costs: CostModel):
+    def __init__(self, cfg: ScheduleConfig, owners: Sequence[int], costs: OpCosts):
         self.cfg, self.owners, self.costs = cfg, tuple(owners), costs
         probe_groups = min(cfg.groups, cfg.vpp + 4)
         self.probe = replace(cfg, microbatches=probe_groups * cfg.pp, owners=None, encoder_warmup=None)
@@ -169,7 +169,7 @@ def _minimal_extension(search: _Search) -> list[int]:
     return ext
 
 
-def build_nested(cfg: ScheduleConfig, costs: CostModel) -> Plan:
+def build_nested(cfg: ScheduleConfig, costs: OpCosts) -> Plan:
     """Build ``ideal`` or ``bigmac`` for ``cfg``, choosing the knobs the user left free.
 
     ``ideal`` warms the LLM up by one group when there is a generator (``"auto"``). bigmac's

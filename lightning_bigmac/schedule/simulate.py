@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from .costs import CostModel
+from .costs import OpCosts
 from .dataflow import DataFlow
 from .engine import Interval, replay
 from .plan import EB, EF, LLM_KINDS, MODULES, B, F, G, Plan
@@ -25,7 +25,7 @@ _ALLOCATES = {F, EF, G}
 _FREES = {B, EB, G}
 
 
-def lower_bound(plan: Plan, costs: CostModel) -> float:
+def lower_bound(plan: Plan, costs: OpCosts) -> float:
     """Bubble-free step time: the busiest rank's LLM work plus an even share of encoder/generator work.
 
     No schedule of this plan's ops on ``pp`` ranks can be faster, whatever the placement of the
@@ -47,7 +47,7 @@ class Simulation:
     """What a plan does under a cost model. Times are in the cost model's unit."""
 
     plan: Plan = field(repr=False)
-    costs: CostModel = field(repr=False)
+    costs: OpCosts = field(repr=False)
     intervals: tuple[tuple[Interval, ...], ...] = field(repr=False)
     """Per rank, every op's run in program order."""
 
@@ -134,9 +134,9 @@ class Simulation:
         return out
 
 
-def simulate(plan: Plan, costs: CostModel | None = None, *, check: bool = True) -> Simulation:
+def simulate(plan: Plan, costs: OpCosts | None = None, *, check: bool = True) -> Simulation:
     """Replay ``plan`` on the clock. ``check=False`` skips validation for plans a builder just proved."""
-    costs = costs or CostModel()
+    costs = costs or OpCosts()
     costs.check_length(plan.microbatches)
     flow = validate(plan) if check else DataFlow.of_plan(plan)
     rows = replay(plan.ranks, flow, costs)

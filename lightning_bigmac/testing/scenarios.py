@@ -43,13 +43,12 @@ from torch.utils import _pytree as pytree
 
 from lightning_bigmac.runtime import OpProfiler, PipelineExecutor, PipelineGroups, Transport, planning_costs
 from lightning_bigmac.runtime.grad_sync import DEFAULT_BUCKET_BYTES
-from lightning_bigmac.schedule import CostModel, Op, Plan, build_plan
+from lightning_bigmac.schedule import SCHEDULES, Op, OpCosts, Plan, build_plan
 
 from .tiny_mllm import TinyConfig, TinyMLLM, make_microbatches
 
 __all__ = [
     "PROFILE_MODEL",
-    "SCHEDULES",
     "build_case_plan",
     "case_config",
     "case_microbatches",
@@ -73,7 +72,6 @@ _DATA = {
 }
 
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "megatron", "ideal", "bigmac")
 PROFILE_MODEL = {"dim": 384, "heads": 6, "layers": 4, "patches": 16, "patch_dim": 48, "max_len": 160}
 
 
@@ -135,7 +133,7 @@ def case_microbatches(case: dict[str, Any], dp_rank: int) -> list[dict[str, torc
     return mbs
 
 
-def build_case_plan(case: dict[str, Any], pp: int, vpp: int, costs: CostModel | None = None):
+def build_case_plan(case: dict[str, Any], pp: int, vpp: int, costs: OpCosts | None = None):
     multimodal = case.get("data", "mixed") != "text"
     return build_plan(
         case["schedule"],
@@ -203,7 +201,7 @@ def run_cases(
 
 
 def _profile(
-    ex: PipelineExecutor, plan: Plan, mbs, steps: int, replan: Callable[[CostModel], Plan] | None = None
+    ex: PipelineExecutor, plan: Plan, mbs, steps: int, replan: Callable[[OpCosts], Plan] | None = None
 ) -> dict[str, Any]:
     """Run ``steps`` steps; per step the events of every rank (on pipeline rank 0), the wall time
     and the plan.

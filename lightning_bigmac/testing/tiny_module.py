@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_bigmac.contract import Microbatches, step_loss
+from lightning_bigmac.batches import Microbatches
+from lightning_bigmac.contract import step_loss
 from lightning_bigmac.runtime.parts import PipelineParts
 
 from .tiny_mllm import TinyConfig, TinyMLLM, make_microbatches

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
-from balancer import Coefficients, CostModel, Geometry, Sample, Term, fit_coefficients
+from balancer import Coefficients, Geometry, Sample, SampleCostModel, Term, fit_coefficients
 
 
 def test_spans_follow_patches_tokens_and_latents():
-    model = CostModel(geometry=Geometry(patch_size=14, merge=2, temporal_patch=2, latent_patch=16))
+    model = SampleCostModel(geometry=Geometry(patch_size=14, merge=2, temporal_patch=2, latent_patch=16))
     sample = Sample(key="a", text_tokens=10, images=((280, 300),), videos=((5, 56, 56),), outputs=((64, 32),))
     enc, tokens, gen = model.spans(sample)
     # image: ceil(280/28)=10 x ceil(300/28)=11 tokens, 4 patches each; video: 3 slices of 2x2 tokens
@@ -21,7 +21,8 @@ def test_spans_follow_patches_tokens_and_latents():
 def test_llm_attention_over_the_pack_or_per_sample_and_overhead_per_microbatch():
     c = Coefficients(llm_forward=Term(linear=1.0, quadratic=0.5, overhead=7.0), llm_backward=Term(linear=2.0))
     a, b = Sample(key="a", text_tokens=3), Sample(key="b", text_tokens=4)
-    pack, per_sample = CostModel(coefficients=c), CostModel(coefficients=c, llm_attention="sample")
+    pack = SampleCostModel(coefficients=c)
+    per_sample = SampleCostModel(coefficients=c, llm_attention="sample")
     assert pack.op_costs([a, b])["llm_forward"] == pytest.approx(7.0 + 3 + 4 + 0.5 * 7**2)
     assert per_sample.op_costs([a, b])["llm_forward"] == pytest.approx(7.0 + 3 + 4 + 0.5 * (9 + 16))
     assert pack.op_costs([a, b])["encoder_forward"] == 0.0  # no images: no overhead either
@@ -30,7 +31,7 @@ def test_llm_attention_over_the_pack_or_per_sample_and_overhead_per_microbatch()
     assert per_sample.cost(a).llm == pytest.approx(3.0 * 3 + 0.5 * 9)
     assert pack.cost(a).owner == pack.cost(a).encoder + pack.cost(a).generator == 0.0
     with pytest.raises(ValueError, match=r"llm_attention='causal'.*'pack'.*'sample'"):
-        CostModel(llm_attention="causal")
+        SampleCostModel(llm_attention="causal")
 
 
 def test_bad_descriptors_name_the_key():
@@ -53,7 +54,7 @@ def test_coefficients_round_trip_and_unknown_keys():
 
 def _profile(truth: Coefficients, microbatches, pp=2, vpp=2, noise=0.0, llm_attention="pack"):
     """A bigmac-profile/1 step whose durations follow ``truth`` (LLM spread over every chunk)."""
-    model = CostModel(coefficients=truth, llm_attention=llm_attention)
+    model = SampleCostModel(coefficients=truth, llm_attention=llm_attention)
     rng = random.Random(0)
     events, t = [], 0.0
     for j, mb in enumerate(microbatches):
@@ -117,7 +118,7 @@ def test_fit_on_a_noisy_profile_predicts_well_and_never_goes_negative():
     fitted = fit_coefficients(_profile(truth, mbs, noise=0.05), mbs)
     for term in fitted.to_dict().values():
         assert min(term.values()) >= 0.0
-    want, got = CostModel(coefficients=truth), CostModel(coefficients=fitted)
+    want, got = SampleCostModel(coefficients=truth), SampleCostModel(coefficients=fitted)
     for mb in mbs:
         w, g = want.op_costs(mb), got.op_costs(mb)
         for name in w:

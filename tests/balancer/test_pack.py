@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer import BalancerConfig, CostModel, SampleCost, pack
+from balancer import BalancerConfig, SampleCost, SampleCostModel, pack
 from balancer.metrics import column_imbalance, llm_imbalance, padding_waste, step_quality
 
 CAP = 1000
@@ -59,7 +59,7 @@ def test_samples_that_do_not_fit_are_returned_not_dropped():
 
 
 def test_packing_a_mix_balances_llm_and_columns_better_than_arrival_order(mix):
-    model = CostModel()
+    model = SampleCostModel()
     samples = mix(192, seed=3)
     config = BalancerConfig(pipeline_size=4, microbatches=16, token_cap=8192)
     plan = pack([model.cost(s) for s in samples], config).replicas[0]
@@ -73,7 +73,7 @@ def test_packing_a_mix_balances_llm_and_columns_better_than_arrival_order(mix):
     assert ours["step_time"] < naive["step_time"]
     # the same work: attention over the pack costs least when packs are even, per sample it is fixed
     assert ours["lower_bound"] <= naive["lower_bound"]
-    per_sample = CostModel(llm_attention="sample")
+    per_sample = SampleCostModel(llm_attention="sample")
     bounds = [
         step_quality(mbs, o, per_sample, pp=4, vpp=2)["lower_bound"]
         for mbs, o in ((packed, plan.owners), (arrival, in_order))

@@ -10,19 +10,11 @@ import torch
 
 from balancer.webdataset import webdataset_source
 from examples.mllm import DataConfig, ExampleDataModule, ModelConfig
-from examples.mllm.data import (
-    IMG,
-    balancer_config,
-    build_shards,
-    describe,
-    hf_dataset,
-    pack,
-    patchify,
-    read_raw,
-    record_from_row,
-    unpatchify,
-)
+from examples.mllm.collate import balancer_config, collate, describe, patchify, unpatchify
+from examples.mllm.hf_rows import hf_dataset, record_from_row
+from examples.mllm.shards import build_shards, read_raw
 from examples.mllm.sources import Record, records
+from examples.mllm.tokens import IMG
 from lightning_bigmac import Microbatches
 
 
@@ -43,7 +35,7 @@ def test_balancer_counts_the_packed_length(source: str, tiny_model: ModelConfig)
     for record in records(source, 0, "train", 120):
         kinds.add(record.meta["kind"])
         sample = describe(record.key, _sizes(record), tiny_model)
-        mb = pack([record], tiny_model)
+        mb = collate([record], tiny_model)
         assert cost.cost(sample).tokens == len(mb["tokens"])
         assert int((mb["tokens"] == IMG).sum()) * 4 == len(mb["patches"])  # 2 x 2 patches per LLM token
     expected = {"shapes": 9, "photos": 4}[source]
@@ -63,7 +55,7 @@ def test_patches_at_native_resolution(tiny_model: ModelConfig) -> None:
 
     square = np.random.default_rng(1).integers(0, 256, (16, 32, 3), dtype=np.uint8)
     meta = {"kind": "draw", "prompt": "draw a red circle", "answer": "", "choices": 0}
-    mb = pack([Record("k", meta, outputs=[square])], tiny_model)
+    mb = collate([Record("k", meta, outputs=[square])], tiny_model)
     assert mb["gen_target"].shape == (2 * 4, 192) and mb["gen_pos"][-1].tolist() == [1, 3]
     np.testing.assert_array_equal(unpatchify(mb["gen_target"], 16, 32, 8), square)
 
@@ -71,7 +63,7 @@ def test_patches_at_native_resolution(tiny_model: ModelConfig) -> None:
 def test_video_frames_get_their_frame_index(tiny_model: ModelConfig) -> None:
     video = next(r for r in records("shapes", 0, "train", 100) if r.videos)
     frames, h, w = video.videos[0].shape[:3]
-    mb = pack([video], tiny_model)
+    mb = collate([video], tiny_model)
     per_frame = (h // 8) * (w // 8)
     assert mb["patch_pos"][:, 2].tolist() == [t for t in range(frames) for _ in range(per_frame)]
     assert mb["patch_spans"].unique().tolist() == list(range(frames))  # the encoder attends within a frame

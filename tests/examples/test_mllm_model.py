@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from examples.mllm import DataConfig, ExampleDataModule, ExampleMLLM, ModelConfig
-from examples.mllm.data import GEN, pack
+from examples.mllm.collate import collate
 from examples.mllm.model import segment_attention
 from examples.mllm.sources import Record, records
+from examples.mllm.tokens import GEN
 from lightning_bigmac import check_contract
 
 
@@ -30,7 +31,7 @@ def test_shapes_through_every_part(tiny_model: ModelConfig) -> None:
     model = ExampleMLLM(tiny_model)
     parts = check_contract(model)
     samples = _mixed()
-    mb = pack(samples, tiny_model)
+    mb = collate(samples, tiny_model)
     n_patches, n_tokens = len(mb["patches"]), len(mb["tokens"])
     enc = parts.encoder(mb)
     assert enc["features"].shape == (n_patches, tiny_model.encoder_dim)
@@ -68,7 +69,7 @@ def test_pack_loss_is_the_sum_of_its_samples_alone(tiny_model: ModelConfig) -> N
     def losses(group: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
         mb = {
             k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-            for k, v in pack(group, tiny_model, seed=3).items()
+            for k, v in collate(group, tiny_model, seed=3).items()
         }
         hidden = parts.embedding(mb, parts.encoder(mb))
         for block in parts.blocks:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_bigmac.runtime import OpEvent, OpProfiler, chrome_trace, cost_profile, transfer_latency
-from lightning_bigmac.schedule import CostModel, Op, Plan, build_plan, simulate
+from lightning_bigmac.schedule import Op, OpCosts, Plan, build_plan, simulate
 from lightning_bigmac.testing.scenarios import skewed_clocks
 from lightning_bigmac.testing.spawn import run
 
@@ -48,7 +48,7 @@ def test_simulator_fed_with_a_profile_predicts_the_step(run_layout, tmp_path) ->
         for k, rec in enumerate(records):
             path = tmp_path / f"{plan.schedule}-{k}.json"
             cost_profile(plan, rec["events"], path)
-            predicted = simulate(plan, CostModel.load(path)).step_time
+            predicted = simulate(plan, OpCosts.load(path)).step_time
             measured = max(e.end for e in rec["events"])
             errors.append(abs(predicted / measured - 1))
         print(plan.schedule, "profile -> simulate errors per step:", [f"{e:.3f}" for e in errors])
@@ -80,7 +80,7 @@ def _shifted(events: list[OpEvent], delay: float) -> list[OpEvent]:
 def test_latency_comes_only_from_ops_that_waited_for_a_transfer() -> None:
     plan = build_plan("bigmac", pp=2, microbatches=8)
     m = plan.microbatches
-    costs = CostModel(
+    costs = OpCosts(
         encoder_forward=tuple(1.0 + 0.1 * j for j in range(m)),
         llm_forward=tuple(2.0 + 0.3 * (j % 3) for j in range(m)),
         llm_backward=tuple(4.0 - 0.2 * (j % 2) for j in range(m)),

@@ -7,7 +7,7 @@ import pytest
 
 from lightning_bigmac.schedule import (
     SCHEDULES,
-    CostModel,
+    OpCosts,
     Plan,
     PlanError,
     ScheduleConfig,
@@ -103,13 +103,13 @@ def test_unsafe_user_knobs_name_the_smallest_safe_value():
 
 def test_cost_arrays_must_cover_every_microbatch():
     with pytest.raises(ValueError, match="encoder_forward has 3 values but the plan has 8 microbatches"):
-        build_plan("bigmac", pp=4, microbatches=8, costs=CostModel(encoder_forward=[1.0, 2.0, 3.0]))
+        build_plan("bigmac", pp=4, microbatches=8, costs=OpCosts(encoder_forward=[1.0, 2.0, 3.0]))
 
 
 def test_llm_order_never_depends_on_costs():
     """Costs move columns, never the relative order of a rank's LLM ops."""
     cheap = build_plan("bigmac", pp=4, vpp=2, microbatches=32, encoder_warmup=3)
-    costs = CostModel(encoder_forward=[1.0 + (j % 5) for j in range(32)], generator=7.0)
+    costs = OpCosts(encoder_forward=[1.0 + (j % 5) for j in range(32)], generator=7.0)
     heavy = build_plan("bigmac", pp=4, vpp=2, microbatches=32, encoder_warmup=3, costs=costs)
     for a, b in zip(cheap.ranks, heavy.ranks, strict=True):
         assert [o for o in a if o.kind in "FB"] == [o for o in b if o.kind in "FB"]
@@ -120,7 +120,7 @@ def test_llm_order_never_depends_on_costs():
 def test_auto_warms_the_first_stage_up_further_to_hide_transfer_latency():
     """With latency in the costs, one more forward in flight on stage 0 takes both round trips of
     every microbatch off the critical path at P=2; without latency the plan stays as it was."""
-    costs = CostModel(encoder_forward=0.25, encoder_backward=0.5, generator=0.15, latency=0.05)
+    costs = OpCosts(encoder_forward=0.25, encoder_backward=0.5, generator=0.15, latency=0.05)
     plain = build_plan("bigmac", pp=2, microbatches=32)
     hiding = build_plan("bigmac", pp=2, microbatches=32, costs=costs)
     assert plain.knobs["llm_warmup"] == [2, 2] and hiding.knobs["llm_warmup"] == [3, 2]

@@ -3,7 +3,7 @@ the figure's structure, and the LLM schedule unchanged but for one group of warm
 
 import pytest
 
-from lightning_bigmac.schedule import CostModel, build_plan, simulate
+from lightning_bigmac.schedule import OpCosts, build_plan, simulate
 from lightning_bigmac.schedule.orders import megatron_warmup
 
 
@@ -40,7 +40,7 @@ def test_bigmac_llm_memory_is_megatrons_plus_at_most_one_group(pp, vpp, llm_warm
 @pytest.mark.parametrize("k", [8, 16])
 @pytest.mark.parametrize(("pp", "vpp"), [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2), (3, 3)])
 def test_bigmac_with_balanced_columns_is_within_2_percent_of_ideal(pp, vpp, k, generator):
-    costs = CostModel(encoder_forward=2.0, encoder_backward=4.0, generator=3.0, latency=0.1)
+    costs = OpCosts(encoder_forward=2.0, encoder_backward=4.0, generator=3.0, latency=0.1)
     bigmac = simulate(
         build_plan("bigmac", pp=pp, vpp=vpp, microbatches=k * pp, generator=generator, costs=costs), costs
     )
@@ -57,7 +57,7 @@ def test_megatron_is_slower_than_bigmac_when_the_encoder_is_a_fifth_of_the_work(
     # per microbatch: LLM 3 units per chunk over pp*vpp chunks; encoder share = enc / (enc + llm + gen)
     llm = 3.0 * pp * vpp
     enc = 0.25 * llm  # 20% of the total with no generator
-    costs = CostModel(encoder_forward=enc / 3, encoder_backward=2 * enc / 3)
+    costs = OpCosts(encoder_forward=enc / 3, encoder_backward=2 * enc / 3)
     share = enc / (enc + llm)
     assert share == pytest.approx(0.2)
     bigmac = simulate(

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from lightning_bigmac.schedule import (
     SCHEDULES,
-    CostModel,
     Op,
+    OpCosts,
     Plan,
     build_plan,
     lower_bound,
@@ -21,7 +21,7 @@ from lightning_bigmac.schedule import (
 
 def test_two_stage_1f1b_timeline_by_hand():
     plan = build_plan("1f1b", pp=2, microbatches=2, encoder=False, generator=False)
-    sim = simulate(plan, CostModel(llm_forward=1.0, llm_backward=2.0, latency=0.5))
+    sim = simulate(plan, OpCosts(llm_forward=1.0, llm_backward=2.0, latency=0.5))
     # PP0: F0 [0,1]      F1 [1,2]      B0 [5,7]      B1 [8,10]   (each B waits for PP1's B + 0.5)
     # PP1: F0 [1.5,2.5]  B0 [2.5,4.5]  F1 [4.5,5.5]  B1 [5.5,7.5]
     spans = {(iv.rank, str(iv.op)): (iv.start, iv.end) for row in sim.intervals for iv in row}
@@ -38,7 +38,7 @@ def test_two_stage_1f1b_timeline_by_hand():
 
 def test_lower_bound_spreads_encoder_and_generator_work_evenly():
     plan = build_plan("megatron", pp=2, microbatches=4)
-    costs = CostModel(
+    costs = OpCosts(
         llm_forward=1.0, llm_backward=2.0, encoder_forward=1.0, encoder_backward=3.0, generator=2.0
     )
     # LLM per rank: 4 * 3 = 12; encoder + generator: 4 * (4 + 2) = 24, spread over 2 ranks.
@@ -48,7 +48,7 @@ def test_lower_bound_spreads_encoder_and_generator_work_evenly():
 
 def test_peak_bytes_follow_per_microbatch_sizes():
     m = 8
-    costs = CostModel(encoder_bytes=[100.0 * (j + 1) for j in range(m)], llm_bytes=10.0, generator_bytes=7.0)
+    costs = OpCosts(encoder_bytes=[100.0 * (j + 1) for j in range(m)], llm_bytes=10.0, generator_bytes=7.0)
     sim = simulate(build_plan("ideal", pp=2, microbatches=m), costs)
     assert sim.peak_bytes["encoder"] == (100.0 * (1 + 3 + 5 + 7), 100.0 * (2 + 4 + 6 + 8))  # all EF first
     assert sim.peak_bytes["generator"] == (7.0, 7.0)
@@ -76,7 +76,7 @@ def _profile(plan, sim):
 
 def test_profile_round_trip_reproduces_the_step(tmp_path):
     m = 16
-    truth = CostModel(
+    truth = OpCosts(
         encoder_forward=[0.5 + 0.1 * j for j in range(m)], llm_forward=[1.0 + 0.05 * j for j in range(m)],
         generator=2.5, latency=0.2,
     )  # fmt: skip
@@ -84,7 +84,7 @@ def test_profile_round_trip_reproduces_the_step(tmp_path):
     sim = simulate(plan, truth)
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(_profile(plan, sim)))
-    loaded = CostModel.load(path)
+    loaded = OpCosts.load(path)
     assert loaded.latency == 0.2 and len(loaded.measured) == plan.num_ops()  # every op measured
     assert simulate(plan, loaded).step_time == pytest.approx(sim.step_time)
     # the same measurements predict another schedule of the same step
@@ -100,13 +100,13 @@ def test_profile_round_trip_reproduces_the_step(tmp_path):
 def test_cost_file_of_fields(tmp_path):
     path = tmp_path / "costs.json"
     path.write_text(json.dumps({"encoder_forward": [1, 2, 3, 4], "latency": 0.1}))
-    costs = CostModel.load(path)
+    costs = OpCosts.load(path)
     assert costs.duration(0, build_plan("bigmac", pp=2, microbatches=4).ranks[1][0]) == 2
     path.write_text(json.dumps({"encoder_fwd": 1}))
     with pytest.raises(ValueError, match=r"unknown cost field\(s\) \['encoder_fwd'\]"):
-        CostModel.load(path)
+        OpCosts.load(path)
     with pytest.raises(ValueError, match="not a bigmac-profile/1 file"):
-        CostModel.from_profile({"format": "other", "events": []})
+        OpCosts.from_profile({"format": "other", "events": []})
 
 
 # ---- properties --------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _cases(draw):
     if schedule == "interleaved":
         vpp = max(vpp, 2)
     positive = st.floats(0.01, 10.0, allow_nan=False)
-    costs = CostModel(
+    costs = OpCosts(
         encoder_forward=draw(st.lists(positive, min_size=m, max_size=m)),
         encoder_backward=draw(st.lists(positive, min_size=m, max_size=m)),
         llm_forward=draw(st.lists(positive, min_size=m, max_size=m)),

@@ -16,7 +16,7 @@ import torch
 from lightning_bigmac import Microbatches, RunReport
 from lightning_bigmac.run_report import count_samples
 from lightning_bigmac.runtime import OpEvent, measured_simulation
-from lightning_bigmac.schedule import CostModel, build_plan, simulate
+from lightning_bigmac.schedule import OpCosts, build_plan, simulate
 from lightning_bigmac.step_report import StepProfile
 from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule
 
@@ -51,7 +51,7 @@ def test_run_report_writes_the_run_folder_under_any_strategy(tmp_path: Path) -> 
 def _profile_of(schedule: str) -> tuple[StepProfile, float]:
     """A StepProfile whose events are a simulated step (as if the runtime had measured it)."""
     plan = build_plan(schedule, pp=2, microbatches=4)
-    sim = simulate(plan, CostModel())
+    sim = simulate(plan, OpCosts())
     events = [
         OpEvent(iv.rank, str(iv.op), iv.start * 1e-3, iv.end * 1e-3) for row in sim.intervals for iv in row
     ]
@@ -63,7 +63,7 @@ def test_measured_simulation_replays_the_events() -> None:
     profile, step_time = _profile_of("bigmac")
     sim = measured_simulation(profile.plan, profile.events)
     assert sim.step_time == pytest.approx(step_time)
-    assert sim.peak_live == simulate(profile.plan, CostModel()).peak_live
+    assert sim.peak_live == simulate(profile.plan, OpCosts()).peak_live
     with pytest.raises(ValueError, match="no event for"):
         measured_simulation(profile.plan, profile.events[1:])
 
@@ -75,7 +75,7 @@ def test_step_profile_writes_gantt_trace_costs_and_memory_report(tmp_path: Path)
         "gantt.png", "memory.png", "trace.json", "profile.json", "memory.md", "step.json",
     }  # fmt: skip
     assert all(p.stat().st_size > 0 for p in written)
-    assert CostModel.load(tmp_path / "profile.json").measured  # bigmac plan --costs reads it back
+    assert OpCosts.load(tmp_path / "profile.json").measured  # bigmac plan --costs reads it back
     table = (tmp_path / "memory.md").read_text()
     assert "| PP1 | 0.00 |" in table  # 2000 bytes of encoder activations on PP1, in MiB
     step = json.loads((tmp_path / "step.json").read_text())

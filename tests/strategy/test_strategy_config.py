@@ -11,8 +11,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_bigmac
 from lightning_bigmac import BigMacStrategy, Microbatches, PipelineParts, check_contract, step_loss
-from lightning_bigmac.contract import split_batch
-from lightning_bigmac.schedule import CostModel
+from lightning_bigmac.batches import split_batch
+from lightning_bigmac.schedule import OpCosts
 from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule, TinySteps
 
 
@@ -53,7 +53,7 @@ def test_bad_strategy_arguments_fail_in_the_constructor(kwargs, match):
 def test_costs_from_a_file_plan_with_their_means(tmp_path):
     assert BigMacStrategy().costs is None and BigMacStrategy(costs="profile").costs is None  # until step 1
     path = tmp_path / "costs.json"
-    path.write_text(json.dumps(CostModel(llm_forward=(1.0, 3.0), latency=0.25).to_dict()))
+    path.write_text(json.dumps(OpCosts(llm_forward=(1.0, 3.0), latency=0.25).to_dict()))
     costs = BigMacStrategy(costs=str(path)).costs
     assert costs.llm_forward == 2.0 and costs.latency == 0.25
     with pytest.raises(ValueError, match="costs='profle': give None, 'profile' or the path"):
