@@ -2,7 +2,9 @@
 # One entry point for people and CI: creates/reuses .venv, then runs a task.
 #   ./dev.sh main    the main job (see README)
 #   ./dev.sh test    lint + the whole test suite
-# The CPU build of torch is installed first and pinned, so pip never pulls a multi-GB CUDA wheel.
+# torch 2.13.0 is installed first and pinned. pip takes whatever wheel its indexes offer: on the
+# development machine a CPU wheel on local disk; elsewhere set TORCH_INDEX_URL to PyTorch's CPU
+# wheel index, or PyPI's default (a CUDA build, several GB) is what arrives.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -13,7 +15,7 @@ if [ ! -f "$STAMP" ]; then
   echo "[dev.sh] preparing $VENV (first run takes a few minutes)" >&2
   [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
   $VENV/bin/python -m pip install -q --upgrade pip
-  $VENV/bin/python -m pip install -q "torch==2.13.0"
+  $VENV/bin/python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   $VENV/bin/python -m pip install -q -e ".[dev]" "torch==2.13.0"
   rm -f $VENV/.installed-* && touch "$STAMP"
 fi

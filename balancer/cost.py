@@ -58,9 +58,9 @@ from .samples import Sample
 __all__ = [
     "LLM_ATTENTION",
     "Coefficients",
-    "SampleCostModel",
     "Geometry",
     "SampleCost",
+    "SampleCostModel",
     "Spans",
     "Term",
     "fit_coefficients",

@@ -27,7 +27,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from .config import BalancerConfig
 from .cost import SampleCost
 from .packing import pack
-from .samples import Sample
+from .samples import CorruptSample, Sample
 
 __all__ = [
     "STATE_FORMAT",
@@ -47,16 +47,8 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-class CorruptSample(ValueError):
-    """Raised by a describe function for an element it cannot decode; the adapter skips and counts it."""
-
-    def __init__(self, key: str, detail: str):
-        super().__init__(f"sample {key!r}: {detail}")
-        self.key, self.detail = key, detail
-
-
 class SkippedSampleWarning(UserWarning):
-    """An element was skipped (corrupt, over the token cap, in a broken shard); the state counts them."""
+    """An element was skipped (corrupt, oversize, damaged, in a broken shard); the state counts them."""
 
 
 @dataclass(frozen=True)

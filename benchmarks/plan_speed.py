@@ -1,4 +1,4 @@
-"""How long planning + validating + simulating takes at scale (issue 2's target: well under 2 s).
+"""How long planning + validating + simulating takes at scale (it should stay well under 2 s).
 
     python benchmarks/plan_speed.py [--pp 8] [--vpp 2] [--microbatches 256] [--repeats 5]
 

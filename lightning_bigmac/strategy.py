@@ -49,6 +49,7 @@ from .runtime.executor import PipelineExecutor, StepResult
 from .runtime.grad_sync import clip_grad_norm_, global_grad_norm
 from .runtime.groups import PipelineGroups
 from .runtime.parts import LossWeights
+from .runtime.replicas import equalise_replicas
 from .schedule import OpCosts, Plan, ScheduleConfig
 from .step_report import StepProfile, profiled_step
 from .trainer_checks import check_layout_fits, check_trainer, check_world_size
@@ -67,7 +68,8 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
         schedule: a builder name: ``bigmac`` (default), ``megatron``, ``ideal``, ``interleaved``,
             ``1f1b`` or ``gpipe``.
         microbatches: M per step for batches that are pytrees of tensors (split along dim 0);
-            None means 2 x P. Batches with a ``microbatches`` list (the balancer's) bring their own.
+            None means 4 x P (as ``bigmac plan``; the fill/drain bubble is about (P-1)/M of a step).
+            Batches with a ``microbatches`` list (the balancer's) bring their own.
         encoder_warmup: bigmac's W; None picks the smallest safe W within 2% of the ideal step.
         llm_warmup: bigmac's LLM warm-up extension: ``"auto"``, ``"minimal"``, ``"group"`` or ints.
         costs: what plans are built with (:class:`~lightning_bigmac.planning.Planner`): None (unit
@@ -122,7 +124,7 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
             schedule=schedule,
             pp=pipeline_parallel_size,
             vpp=virtual_chunks,
-            microbatches=2 * pipeline_parallel_size if microbatches is None else microbatches,
+            microbatches=4 * pipeline_parallel_size if microbatches is None else microbatches,
             encoder_warmup=encoder_warmup,
             llm_warmup=llm_warmup,
         )
@@ -233,6 +235,8 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
             device=self.root_device,
             timeout=self.timeout,
         )
+        replicated = [m for m in (parts.encoder, parts.generator) if m is not None]
+        equalise_replicas(replicated, self.executor.stages, self.groups)  # as DDP does at setup
         self.planner.use_parts(encoder=parts.encoder is not None, generator=parts.generator is not None)
         self.model_to_device()
         for metric in self.model.modules():

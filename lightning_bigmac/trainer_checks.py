@@ -33,6 +33,15 @@ def check_world_size(pp: int, devices: int, num_nodes: int) -> None:
 
 def check_trainer(trainer: pl.Trainer, module: pl.LightningModule) -> None:
     """Refuse Trainer settings that the pipeline runtime cannot honour."""
+    scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
+    if scaler is not None:
+        # The runtime runs backward itself on unscaled losses; Lightning's MixedPrecision would then
+        # unscale those gradients (divide them by the loss scale) and skip steps on its own inf check.
+        raise MisconfigurationException(
+            f"precision={trainer.precision!r} needs loss scaling (a GradScaler), which BigMacStrategy does "
+            "not do: its pipeline runs the backward itself, so the gradients would reach the optimizer "
+            "divided by the loss scale. Use precision='bf16-mixed' (same speed, no loss scaling) or '32-true'"
+        )
     if trainer.accumulate_grad_batches != 1:
         raise MisconfigurationException(
             f"accumulate_grad_batches={trainer.accumulate_grad_batches} is not supported by BigMacStrategy: "

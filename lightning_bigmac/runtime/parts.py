@@ -105,6 +105,11 @@ class PipelineParts:
                 "PipelineParts.generator is set but generator_targets is None: give a function "
                 "mb -> number of generator targets so the runtime can scale the generator loss"
             )
+        self._check_nothing_shared()
+
+    def _check_nothing_shared(self) -> None:
+        """Parts live on different ranks, and a rank frees the parts it does not own: a parameter,
+        buffer or stateful submodule shared by two parts would be freed under the part that keeps it."""
         seen: dict[int, str] = {}
         for name, module in self.modules().items():
             for pname, p in module.named_parameters():
@@ -113,6 +118,19 @@ class PipelineParts:
                     raise ValueError(
                         f"parameter {name}.{pname} is also {other}: pipeline parts must not share "
                         "parameters (untie the embeddings or keep both uses in one part)"
+                    )
+        holders: dict[int, tuple[str, str]] = {}
+        for name, module in self.modules().items():
+            for buffer_name, buffer in module.named_buffers():
+                path, _, leaf = f"{name}.{buffer_name}".rpartition(".")
+                part, other = holders.setdefault(id(buffer), (name, path))
+                if part != name:
+                    kind = type(module.get_submodule(path[len(name) + 1 :])).__name__
+                    raise ValueError(
+                        f"module {path} ({kind}) is also {other}: its buffer {leaf} is shared by two "
+                        "pipeline parts, which may live on different ranks (a rank frees the parts it "
+                        "does not own, and would free it under the part it keeps). Give each part its "
+                        "own copy (e.g. copy.deepcopy per block), or compute the values inside each part"
                     )
 
     def modules(self) -> dict[str, nn.Module]:

@@ -1,7 +1,7 @@
 """Nested schedules: encoder and generator data-parallel over the pipeline ranks (``ideal``, ``bigmac``).
 
 The LLM runs Megatron's (interleaved) 1F1B order, never reordered; encoder and generator work
-runs in *columns*, one microbatch of a group per rank (DESIGN.md section 3):
+runs in *columns*, one microbatch of a group per rank (docs/schedules.md, "The nested schedule"):
 
 * ``GEN(g)`` is released when the last stage has finished the forwards of every microbatch of
   group ``g``; each owner runs ``G.j`` (generator forward, loss, backward) and the last stage's

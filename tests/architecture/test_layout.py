@@ -61,7 +61,7 @@ def test_no_import_cycles():
         path.append(m)
         for n in sorted(graph.get(m, ())):
             if state.get(n) == 1:
-                cycle = path[path.index(n) :] + [n]
+                cycle = [*path[path.index(n) :], n]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if n not in state:
                 visit(n)
@@ -90,3 +90,15 @@ def test_public_names_name_one_thing():
 def test_modules_stay_small(module):
     lines = len(_path(module).read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines (> {MAX_LINES}): split it by job"
+
+
+@pytest.mark.parametrize(
+    ("module", "old", "new"),
+    [("balancer", "CostModel", "SampleCostModel"), ("lightning_bigmac.schedule", "CostModel", "OpCosts")],
+)
+def test_renamed_public_names_keep_a_deprecated_alias(module, old, new):
+    package = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{module}.{old} is deprecated: use {module}.{new}"):
+        assert getattr(package, old) is getattr(package, new)
+    with pytest.raises(AttributeError):
+        package.NoSuchName  # noqa: B018

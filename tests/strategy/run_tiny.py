@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +17,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_bigmac
 from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule
+
+
+@torch.no_grad()
+def perturb_copies(module: TinyMLLMModule, rank: int, pp: int) -> None:
+    """Change what this rank's copies hold, as another seed would; the source copies stay (global rank 0
+    for the encoder and generator, data-parallel rank 0 for each stage)."""
+    parts = module.pipeline_parts()
+    changed = [parts.encoder, parts.generator] if rank > 0 else []
+    if rank >= pp:
+        changed = [module]
+    gen = torch.Generator().manual_seed(100 + rank)
+    for part in changed:
+        for p in part.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 def main() -> None:
@@ -37,12 +52,20 @@ def main() -> None:
     )
     p.add_argument("--ckpt-dir", default=None, help="save a sharded checkpoint at the end of every epoch")
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument(
+        "--perturb-replicas",
+        action="store_true",
+        help="build each rank's copies differently: encoder/generator on every rank but 0, everything "
+        "on data-parallel replicas > 0 (setup must make them equal again)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
     torch.set_num_threads(1)
     pl.seed_everything(0)
     module = TinyMLLMModule()
+    if args.perturb_replicas:
+        perturb_copies(module, rank=int(os.environ.get("LOCAL_RANK", 0)), pp=args.pp)
     strategy = args.strategy
     if strategy == "bigmac":
         strategy = lightning_bigmac.BigMacStrategy(

@@ -6,6 +6,7 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -65,6 +66,20 @@ def test_world_size_not_divisible_by_the_pipeline_fails_before_launch():
         MisconfigurationException, match="world size divisible by 2, but devices x num_nodes = 3"
     ):
         _trainer(BigMacStrategy(pipeline_parallel_size=2), devices=3)
+
+
+def test_world_size_message_keeps_num_nodes():
+    # 1 device x 2 nodes = 2 ranks: 2 devices per node make whole pipelines of 4, not "devices=4"
+    with pytest.raises(MisconfigurationException, match=r"= 2 \(1 per node x 2\): use devices=2 per node"):
+        _trainer(BigMacStrategy(pipeline_parallel_size=4), devices=1, num_nodes=2)
+
+
+def test_fp16_with_loss_scaling_is_refused_with_the_alternative():
+    # On CPU Lightning turns "16-mixed" into bf16; the GPU plugin (fp16 with a GradScaler) is built here.
+    fp16 = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = _trainer(BigMacStrategy(pipeline_parallel_size=1, microbatches=2), plugins=[fp16])
+    with pytest.raises(MisconfigurationException, match=r"needs loss scaling .* Use precision='bf16-mixed'"):
+        trainer.fit(TinyMLLMModule(), TinyDataModule(steps=2, microbatches=2))
 
 
 def test_unsupported_trainer_options_fail_in_setup():
@@ -141,3 +156,27 @@ def test_pipeline_parts_reject_shared_parameters():
     head.weight = embed.weight
     with pytest.raises(ValueError, match="must not share parameters"):
         PipelineParts(embedding=embed, blocks=[torch.nn.Identity()], head=head, text_targets=len)
+
+
+class _Rotary(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.arange(4.0))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, rotary: torch.nn.Module):
+        super().__init__()
+        self.rotary = rotary
+        self.proj = torch.nn.Linear(4, 4)
+
+
+def test_pipeline_parts_reject_shared_buffers_naming_the_module_and_the_fix():
+    # one rotary module for every block, as Hugging Face decoders have: a rank that frees the blocks
+    # it does not own would free the shared buffer of the blocks it keeps
+    rotary = _Rotary()
+    blocks = [_Block(rotary), _Block(rotary)]
+    with pytest.raises(ValueError, match=r"blocks.1.rotary .*is also blocks.0.rotary.*inv_freq.*own copy"):
+        PipelineParts(
+            embedding=torch.nn.Embedding(4, 4), blocks=blocks, head=torch.nn.Linear(4, 4), text_targets=len
+        )

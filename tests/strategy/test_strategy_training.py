@@ -1,8 +1,7 @@
 """Trainer(strategy="bigmac") end to end in real processes, against strategy="auto" in one process.
 
 Each run is `run_tiny.py` in a subprocess: Lightning's default launcher re-runs the script for
-every rank (under pytest it would re-run pytest). The acceptance figures of issue 4 are asserted
-here: per-step losses within 1e-5 of the single-process run for 20 steps, bitwise resume,
+every rank (under pytest it would re-run pytest). Asserted here: per-step losses within 1e-5 of the single-process run for 20 steps, bitwise resume,
 global-norm clipping, the consolidated checkpoint, the CLI and a notebook-style launch.
 """
 
@@ -129,6 +128,14 @@ def test_two_pipelines_of_two_match_one_process_over_both_replicas(tmp_path, sch
     # validation ran a forward-only plan; the metric was reduced over the data-parallel replicas
     assert got["val_loss"] == pytest.approx(joined_reference["val_loss"], abs=1e-5)
     assert got["val_acc"] == pytest.approx(joined_reference["val_acc"], abs=1e-7)
+
+
+def test_replicas_built_differently_are_made_equal_at_setup(tmp_path, joined_reference):
+    # every rank but 0 perturbs its encoder/generator, replica 1 its whole model: setup's broadcast
+    # must restore the source copies, or the losses leave the one-process run's at step 1
+    args = ["--devices", "4", "--pp", "2", "--steps", "20"]
+    got = run_tiny(tmp_path, "perturbed", *args, "--perturb-replicas")
+    assert_close_losses(got["losses"], joined_reference["losses"])
 
 
 def test_resume_from_a_sharded_checkpoint_is_bitwise_exact_and_consolidates(tmp_path):
