@@ -13,6 +13,9 @@ the sampler splits by replica itself)::
     loader = DataLoader(
         StepDataset(dataset), batch_sampler=sampler, collate_fn=lambda step: step.map(collate)
     )
+
+In Lightning, ``lightning_bigmac.data_state.StepLoader(sampler, dataset, collate_fn=...)`` is that
+loader with the data position of the last trained step in checkpoints and epochs that move on.
 """
 
 from __future__ import annotations

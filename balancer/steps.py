@@ -38,6 +38,7 @@ __all__ = [
     "SkippedSampleWarning",
     "StepBatch",
     "StepPlanner",
+    "epoch_done",
     "make_state",
 ]
 
@@ -93,6 +94,21 @@ class StepBatch(Generic[T]):
     def map(self, fn: Callable[[T], U]) -> StepBatch[U]:
         """Apply ``fn`` to every microbatch (e.g. a collate function), keeping owners and descriptors."""
         return replace(self, microbatches=tuple(fn(mb) for mb in self.microbatches))  # type: ignore[return-value]
+
+    def to(self, *args: Any, **kwargs: Any) -> StepBatch[T]:
+        """A copy with every tensor in the microbatches moved by ``tensor.to(*args, **kwargs)``.
+
+        Lightning moves a batch to its device by calling ``to`` on any object that has one; a
+        frozen dataclass without it would be rebuilt field by field, which fails. Descriptors,
+        owners and state stay as they are.
+        """
+        import torch  # only a torch caller moves tensors: ``import balancer`` needs numpy only
+        from torch.utils._pytree import tree_map
+
+        def move(x: Any) -> Any:
+            return x.to(*args, **kwargs) if isinstance(x, torch.Tensor) else x
+
+        return replace(self, microbatches=tuple(tree_map(move, mb) for mb in self.microbatches))
 
 
 class _Entry(NamedTuple):
@@ -282,7 +298,20 @@ class StepPlanner:
             [([[entries[o] for o in mb] for mb in mbs], tuple(owners)) for mbs, owners in plan]
             for plan in state["planned"]
         )
+        if not all(self._fits(plan) for plan in planned):
+            # saved on another layout (replicas, pipeline size or M): its planned steps go back to
+            # the buffer and are planned again, so no sample is lost or trained twice
+            buffer = sorted([e for plan in planned for mbs, _ in plan for mb in mbs for e in mb] + buffer)
+            planned.clear()
         return buffer, planned
+
+    def _fits(self, plan: _Planned) -> bool:
+        """Whether a planned step has this planner's shape: a share per replica, M microbatches
+        each, and owners that permute the pipeline ranks within every group."""
+        p, m = self.config.pipeline_size, self.config.microbatches
+        groups = [list(owners[g : g + p]) for _, owners in plan for g in range(0, len(owners), p)]
+        shaped = len(plan) == self.replicas and all(len(mbs) == m == len(owners) for mbs, owners in plan)
+        return shaped and all(sorted(group) == list(range(p)) for group in groups)
 
 
 _END = object()
@@ -309,6 +338,15 @@ def make_state(
         ],
         "counters": dict(counters or {}),
     }
+
+
+def epoch_done(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` is the one after its epoch's last step: nothing is buffered or planned.
+
+    Resuming it yields an empty rest of that epoch (right for a loop that counts epochs itself);
+    a loop that has moved on resumes the next epoch instead, ``make_state(state["epoch"] + 1, 0, 0)``.
+    """
+    return state["step"] > 0 and not state["buffer"] and not state["planned"]
 
 
 class Adapter(Generic[T]):

@@ -16,7 +16,8 @@ reading is the bottleneck, write the descriptors once (an index) and use the map
 A *source* is ``source(epoch) -> Iterable``: the whole stream of epoch ``epoch``, in the same
 order every time it is called and on every replica (resume re-reads it). It may yield
 :class:`~balancer.steps.Skipped` for what it could not read; ``balancer.webdataset.webdataset_source``
-reads tar shards.
+reads tar shards. In Lightning, ``lightning_bigmac.data_state.StepLoader(stream, collate_fn=...)``
+loads the steps, with the data position of the last trained step in checkpoints.
 """
 
 from __future__ import annotations

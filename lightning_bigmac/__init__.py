@@ -7,6 +7,7 @@ Importing the package registers the strategy names ``"bigmac"`` (script / torchr
 from .batches import Microbatches
 from .checkpoint import consolidate
 from .contract import check_contract, reference_loss, step_loss
+from .data_state import DataPosition, StepLoader
 from .run_report import RunReport
 from .runtime.parts import LossWeights, PipelineParts
 from .strategy import BigMacStrategy
@@ -15,10 +16,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BigMacStrategy",
+    "DataPosition",
     "LossWeights",
     "Microbatches",
     "PipelineParts",
     "RunReport",
+    "StepLoader",
     "check_contract",
     "consolidate",
     "reference_loss",

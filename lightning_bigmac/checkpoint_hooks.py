@@ -2,16 +2,37 @@
 
 Kept apart from the lifecycle in :mod:`~lightning_bigmac.strategy` so that the file format can
 change without touching it. The hooks need the strategy's process groups (``self.groups``), its
-module and its collectives (``broadcast``, ``barrier``).
+module, its optimizers and its collectives (``broadcast``, ``barrier``): every collective of a save
+outside DCP's own goes through them.
+
+Optimizer state travels keyed by parameter name (:mod:`.checkpoint.optim_by_name`): the optimizers of a
+rank hold only its parameters, so positions mean nothing across layouts. The names of every
+optimizer group as ``configure_optimizers`` built it (before the strategy kept only this rank's
+parameters) are recorded at setup; they number the state of a consolidated checkpoint as a
+one-process run numbers it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from . import checkpoint
+from .checkpoint import (
+    files,
+    gather_full_state_dict,
+    load_owned_state_dict,
+    optim_by_name,
+    owned_state_dict,
+    sharded,
+)
+from .checkpoint.background import BackgroundSaves
 from .runtime.groups import PipelineGroups
 
 __all__ = ["CheckpointHooks"]
@@ -22,27 +43,91 @@ class CheckpointHooks:
 
     groups: PipelineGroups | None
     lightning_module: Any
+    optimizers: list[torch.optim.Optimizer]
+    global_rank: int
+    root_device: torch.device
+    checkpoint_io: Any
+    timeout: float
+    _background: BackgroundSaves | None
+    _full_parameter_names: list[optim_by_name.Groups]
+    """Per optimizer, the names of its groups' parameters as ``configure_optimizers`` returned them."""
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        self._full_parameter_names = [self._names(o) for o in self.optimizers]  # before restriction: all
+
+    def _names(self, optimizer: torch.optim.Optimizer) -> optim_by_name.Groups:
+        return optim_by_name.parameter_names(self.lightning_module, optimizer)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        return checkpoint.owned_state_dict(self.lightning_module)
+        return owned_state_dict(self.lightning_module)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """This rank's optimizer state keyed by parameter name (its groups list the whole model's)."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        full = self._full_parameter_names[self.optimizers.index(optimizer)]
+        return optim_by_name.state_of(optimizer, self._names(optimizer), full)
 
     def save_checkpoint(
         self, checkpoint_: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
+        """Write the checkpoint directory ``filepath`` (a collective); an existing checkpoint there is
+        replaced only once the new one is complete (see :mod:`.checkpoint.files`). With Lightning's
+        ``AsyncCheckpointIO`` plugin the files are written in the background
+        (:mod:`.checkpoint.background`)."""
         if storage_options is not None:
             raise TypeError("BigMacStrategy.save_checkpoint(storage_options=...) is not supported")
-        assert self.groups is not None
-        path = self.broadcast(str(filepath))
-        checkpoint.save_shards(checkpoint_, path, self.groups, self.lightning_module, self.barrier)
+        background = self._background_saves()
+        if background is not None:
+            background.wait()  # the previous save is complete before this one touches any path
+        if self.global_rank == 0:
+            files.prepare(Path(filepath))
+        path, name = self.broadcast((str(filepath), files.new_tensors_name()))  # after rank 0 prepared
+        flat, meta = sharded.split(checkpoint_, list(self.lightning_module.state_dict()))
+        rank0_meta = meta if self.global_rank == 0 else None
+        if background is not None:
+            background.start(flat, rank0_meta, Path(path), name)
+        else:
+            sharded.write(flat, rank0_meta, Path(path), name)
+        self.barrier("BigMacStrategy.save_checkpoint")
+
+    def _background_saves(self) -> BackgroundSaves | None:
+        """Present when the Trainer has Lightning's ``AsyncCheckpointIO`` plugin."""
+        if not isinstance(self.checkpoint_io, AsyncCheckpointIO):
+            return None
+        if getattr(self, "_background", None) is None:
+            self._background = BackgroundSaves(self.timeout)
+        return self._background
+
+    def on_train_end(self) -> None:
+        """Training ends with its last background save complete (its errors raised here)."""
+        background = self._background_saves()
+        if background is not None:
+            background.wait()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        assert self.groups is not None
-        return checkpoint.load_shard(checkpoint_path, self.groups, weights_only=bool(weights_only))
+        """This rank's part of the checkpoint directory ``checkpoint_path``: what it holds."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        held = [[n for group in self._names(o) for n in group] for o in self.optimizers]
+        return sharded.read_held(path, owned_state_dict(self.lightning_module), held, bool(weights_only))
 
-    def load_model_state_dict(self, checkpoint_: dict[str, Any], strict: bool = True) -> None:
-        checkpoint.load_owned_state_dict(self.lightning_module, checkpoint_["state_dict"], strict=strict)
+    def load_model_state_dict(self, checkpoint_: Mapping[str, Any], strict: bool = True) -> None:
+        source = f"checkpoint {checkpoint_['bigmac']['tensors'].parent}"
+        load_owned_state_dict(self.lightning_module, checkpoint_["state_dict"], strict, source)
+
+    def load_optimizer_state_dict(self, checkpoint_: Mapping[str, Any]) -> None:
+        saved = checkpoint_["optimizer_states"]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(
+                f"the checkpoint has {len(saved)} optimizer states but configure_optimizers returns "
+                f"{len(self.optimizers)} optimizers: resume with the optimizers it was saved with"
+            )
+        for optimizer, state in zip(self.optimizers, saved, strict=True):
+            optim_by_name.load_into(optimizer, self._names(optimizer), state)
+            _optimizer_to_device(optimizer, self.root_device)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every parameter of the model, gathered on global rank 0 (None elsewhere). A collective."""
         assert self.groups is not None
-        return checkpoint.gather_full_state_dict(self.lightning_module, self.groups)
+        return gather_full_state_dict(self.lightning_module, self.groups)

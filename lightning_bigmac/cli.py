@@ -6,7 +6,9 @@
     bigmac plan --schedule bigmac --pp 4 --vpp 2 --microbatches 64 --encoder-warmup 3 --llm-warmup group
     bigmac plan --from-json plan.json --costs profile.json
 
-``bigmac consolidate``: merge a sharded checkpoint into one that the plain LightningModule loads::
+``bigmac consolidate``: turn a checkpoint directory into the one-file checkpoint a one-process run
+would have saved (weights, optimizer state, loops): ``MyModule.load_from_checkpoint`` reads it and
+``Trainer(strategy="auto").fit(..., ckpt_path=...)`` resumes from it::
 
     bigmac consolidate runs/x/checkpoints/epoch=0-step=100.ckpt runs/x/full.ckpt
 """
@@ -50,6 +52,14 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--llm-warmup", type=_warmup, default="auto", metavar="auto|minimal|group|N|N,N,..",
         help="bigmac/ideal: extra LLM warm-up forwards per rank",
+    )  # fmt: skip
+    p.add_argument(
+        "--held-columns", type=int, default=None, metavar="K",
+        help="bigmac_zb: encoder (and generator) microbatches a rank may hold at once",
+    )  # fmt: skip
+    p.add_argument(
+        "--weight-deferral", type=int, default=None, metavar="D",
+        help="bigmac_zb: LLM units a rank may hold beyond 1F1B's peak for deferred weight gradients",
     )  # fmt: skip
     p.add_argument("--costs", type=Path, help="cost file (OpCosts fields as JSON) or a runtime profile")
     p.add_argument(
@@ -118,7 +128,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         plan = build_plan(
             args.schedule, pp=args.pp, vpp=args.vpp, microbatches=m, encoder=not args.no_encoder,
             generator=not args.no_generator, encoder_warmup=args.encoder_warmup, llm_warmup=args.llm_warmup,
-            costs=costs,
+            held_columns=args.held_columns, weight_deferral=args.weight_deferral, costs=costs,
         )  # fmt: skip
     sim = simulate(plan, costs)  # validates plans loaded from JSON
     ideal = _reference(plan, "ideal", costs)
@@ -145,14 +155,17 @@ def _run_consolidate(args: argparse.Namespace) -> int:
     from .checkpoint import consolidate
 
     full = consolidate(args.checkpoint, args.out)
-    print(f"wrote {args.out}: {len(full['state_dict'])} tensors from {args.checkpoint}")
+    entries, optimizers = len(full["state_dict"]), len(full.get("optimizer_states", []))
+    print(f"wrote {args.out}: {entries} entries and {optimizers} optimizer states from {args.checkpoint}")
     return 0
 
 
 def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("consolidate", help="merge a sharded BigMac checkpoint into one ordinary checkpoint")
+    p = sub.add_parser("consolidate", help="turn a BigMac checkpoint directory into one ordinary checkpoint")
     p.add_argument("checkpoint", type=Path, help="checkpoint directory written by BigMacStrategy")
-    p.add_argument("out", type=Path, help="output file, loadable with MyModule.load_from_checkpoint")
+    p.add_argument(
+        "out", type=Path, help="output file: MyModule.load_from_checkpoint, or resume in one process"
+    )
     p.set_defaults(run=_run_consolidate)
 
 

@@ -6,7 +6,7 @@ pure data, so every rank builds the same one from the same inputs without talkin
 
 ``costs`` decides what the planner optimises for: unit costs (the plan is known before the first
 step), a cost file, or ``"profile"``: the first training step is timed and every later step is
-planned with its measured per-kind durations and transfer latency (:meth:`Planner.adopt`).
+planned with its measured per-kind durations and transfer latency (:meth:`Planner.adopt_profile`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Planner:
         config: the schedule and its knobs (validated: an unsafe W or warm-up fails here, before
             any process starts, because a trial plan is built).
         costs: None (unit costs), the path of a cost file or runtime profile (its per-kind means),
-            or ``"profile"`` (plan with the first training step's measured costs, see :meth:`adopt`).
+            or ``"profile"`` (plan with the first training step's measured costs, see :meth:`adopt_profile`).
     """
 
     def __init__(self, config: ScheduleConfig, costs: str | None = None) -> None:
@@ -73,7 +73,9 @@ class Planner:
                     generator=self.generator,
                     encoder_warmup=cfg.encoder_warmup if microbatches == cfg.microbatches else None,
                     llm_warmup=cfg.llm_warmup,
-                    owners=owners if cfg.schedule in ("ideal", "bigmac") else None,
+                    held_columns=cfg.held_columns,
+                    weight_deferral=cfg.weight_deferral,
+                    owners=owners if cfg.nested else None,
                     forward_only=forward_only,
                 )
             except ValueError as err:

@@ -11,7 +11,7 @@ report) into ``dirpath/profile/``. When training ends it writes:
 
 =========================  ==========================================================================
 ``checkpoints/final.ckpt``  the last state (a sharded directory under ``BigMacStrategy``); resumable
-``consolidated.ckpt``       the weights in one ordinary Lightning checkpoint: ``Module.load_from_checkpoint``
+``consolidated.ckpt``       the last state as one ordinary Lightning checkpoint (``load_from_checkpoint``)
 ``loss_curve.png``          training loss per step and every validation metric over steps
 ``metrics.json``            the same numbers, plus wall time and samples/s
 =========================  ==========================================================================
@@ -53,7 +53,7 @@ def count_samples(batch: Any) -> int:
 
 
 class RunReport(pl.Callback):
-    """Progress (samples/s), a profiled step, a loss curve and consolidated weights in ``dirpath``.
+    """Progress (samples/s), a profiled step, a loss curve and a consolidated checkpoint in ``dirpath``.
 
     Args:
         dirpath: the run folder; None uses ``trainer.default_root_dir``.

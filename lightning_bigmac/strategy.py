@@ -26,7 +26,6 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
-    _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
@@ -45,11 +44,14 @@ from .checkpoint_hooks import CheckpointHooks
 from .contract import PipelineStepRunner, check_contract
 from .launcher import GatheringLauncher
 from .planning import Planner
+from .runtime import collectives
 from .runtime.executor import PipelineExecutor, StepResult
 from .runtime.grad_sync import clip_grad_norm_, global_grad_norm
 from .runtime.groups import PipelineGroups
 from .runtime.parts import LossWeights
 from .runtime.replicas import equalise_replicas
+from .runtime.watch import PeerWatch
+from .sampler_check import warn_if_sampler_shuffles
 from .schedule import OpCosts, Plan, ScheduleConfig
 from .step_report import StepProfile, profiled_step
 from .trainer_checks import check_layout_fits, check_trainer, check_world_size
@@ -65,13 +67,15 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
     Args:
         pipeline_parallel_size: P, ranks per pipeline; the world is P x D with D data-parallel replicas.
         virtual_chunks: V, LLM chunks per rank (interleaving); needs at least P x V LLM blocks.
-        schedule: a builder name: ``bigmac`` (default), ``megatron``, ``ideal``, ``interleaved``,
-            ``1f1b`` or ``gpipe``.
+        schedule: a builder name: ``bigmac`` (default), ``bigmac_zb``, ``megatron``, ``ideal``,
+            ``interleaved``, ``1f1b`` or ``gpipe``.
         microbatches: M per step for batches that are pytrees of tensors (split along dim 0);
             None means 4 x P (as ``bigmac plan``; the fill/drain bubble is about (P-1)/M of a step).
             Batches with a ``microbatches`` list (the balancer's) bring their own.
         encoder_warmup: bigmac's W; None picks the smallest safe W within 2% of the ideal step.
         llm_warmup: bigmac's LLM warm-up extension: ``"auto"``, ``"minimal"``, ``"group"`` or ints.
+        held_columns / weight_deferral: ``bigmac_zb``'s caps on encoder/generator columns held at once
+            and on deferred LLM weight-gradient ops; None picks the smallest safe values.
         costs: what plans are built with (:class:`~lightning_bigmac.planning.Planner`): None (unit
             costs: the plan is known before the first step), the path of a cost file or runtime
             profile, or ``"profile"`` (the first training step's measured costs and latency, with
@@ -96,6 +100,8 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
         microbatches: int | None = None,
         encoder_warmup: int | None = None,
         llm_warmup: str | int | list[int] = "auto",
+        held_columns: int | None = None,
+        weight_deferral: int | None = None,
         costs: str | None = None,
         text_loss_weight: float | None = None,
         generator_loss_weight: float | None = None,
@@ -110,12 +116,9 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
         precision_plugin: Precision | None = None,
     ) -> None:
         super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-        )
+            accelerator=accelerator, parallel_devices=parallel_devices, checkpoint_io=checkpoint_io,
+            cluster_environment=cluster_environment, precision_plugin=precision_plugin,
+        )  # fmt: skip
         if start_method not in _START_METHODS:
             raise ValueError(f"start_method={start_method!r}: choose one of {', '.join(_START_METHODS)}")
         if timeout <= 0:
@@ -127,6 +130,8 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
             microbatches=4 * pipeline_parallel_size if microbatches is None else microbatches,
             encoder_warmup=encoder_warmup,
             llm_warmup=llm_warmup,
+            held_columns=held_columns,
+            weight_deferral=weight_deferral,
         )
         self.planner = Planner(self.schedule, costs)  # an unsafe knob fails here, before launch
         self.loss_weights_override = (text_loss_weight, generator_loss_weight)
@@ -173,9 +178,10 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
 
     @property
     @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # every pipeline rank of a replica must see the same samples
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:  # a replica's pipeline ranks see the same data
         return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}
+
+    process_dataloader = warn_if_sampler_shuffles  # Lightning's injected sampler shuffles: docs/strategy.md
 
     @property
     @override
@@ -211,7 +217,7 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
         )
         self._process_group_backend = backend
         _init_dist_connection(self.cluster_environment, backend, timeout=timedelta(seconds=self.timeout))
-        self.groups = PipelineGroups.create(self.schedule.pp)
+        self.groups = PipelineGroups.create(self.schedule.pp, timeout=self.timeout)
         rank_zero_info(f"BigMacStrategy: {self.groups.describe()}")
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -235,8 +241,7 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
             device=self.root_device,
             timeout=self.timeout,
         )
-        replicated = [m for m in (parts.encoder, parts.generator) if m is not None]
-        equalise_replicas(replicated, self.executor.stages, self.groups)  # as DDP does at setup
+        equalise_replicas(self.executor)  # as DDP does at setup
         self.planner.use_parts(encoder=parts.encoder is not None, generator=parts.generator is not None)
         self.model_to_device()
         for metric in self.model.modules():
@@ -352,35 +357,33 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
         """The 2-norm of the whole model's gradient, as one process would compute it (a collective)."""
         ex = self.executor
         assert ex is not None
-        return global_grad_norm(
-            ex.llm_parameters(), ex.replica_parameters(), ex.groups.pipeline_group, ex.device
-        )
+        group = ex.groups.pipeline_group
+        return global_grad_norm(ex.llm_parameters(), ex.replica_parameters(), group, ex.device, ex.watch)
 
     def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         assert self.executor is not None
         clip_grad_norm_(self.executor.parameters(), self.global_grad_norm(), float(clip_val))
 
-    # ---- collectives ----------------------------------------------------------------------------
+    # ---- collectives: bounded by the timeout, a lost peer raises PeerError (runtime/collectives.py)
+    def _watch(self) -> PeerWatch:  # the executor's names the step; before setup there is none
+        beacon = self.groups.beacon if self.groups else None
+        return self.executor.watch if self.executor else PeerWatch(dist.get_rank(), self.timeout, beacon)
+
     @override
     def barrier(self, name: str | None = None) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            collectives.barrier(None, self._watch(), f"the barrier {name!r}" if name else "a barrier")
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not (dist.is_available() and dist.is_initialized()):
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src)
-        return box[0]
+        return collectives.broadcast_object(obj, src, None, self._watch(), "a broadcast", self.root_device)
 
     @override
-    def reduce(
-        self, tensor: torch.Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
-    ) -> torch.Tensor | Any:
-        if isinstance(tensor, torch.Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean") -> Any:
+        ok = isinstance(tensor, torch.Tensor) and dist.is_available() and dist.is_initialized()
+        return collectives.all_reduce(tensor, group, self._watch(), "a reduce", reduce_op) if ok else tensor
 
     @classmethod
     @override

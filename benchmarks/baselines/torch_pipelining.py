@@ -1,16 +1,21 @@
 """The baseline users run today: ``torch.distributed.pipelining`` with ``Schedule1F1B``, 2 stages.
 
 The layout is torchtitan's and Megatron's for a multimodal LLM: stage 0 holds the encoder, the
-embedding and the first half of the LLM blocks; stage 1 the other half, the LM head and the
-generator, whose losses the schedule's ``loss_fn`` computes. The stage modules wrap the very
-modules of a :class:`~lightning_bigmac.testing.tiny_mllm.TinyMLLM`, so the weights and the
-per-part maths are the model's own.
+embedding and the first LLM blocks; stage 1 the other blocks, the LM head and the generator,
+whose losses the schedule's ``loss_fn`` computes. Where the blocks are cut is the ``split``
+(the first block of stage 1): users of this layout move blocks off stage 0, which also runs the
+encoder (torchtitan's custom split points, Megatron's ``--decoder-first-pipeline-num-layers``),
+so the benchmark sweeps it. The stage modules wrap the very modules of a
+:class:`~lightning_bigmac.testing.tiny_mllm.TinyMLLM`, so the weights and the per-part maths are
+the model's own.
 
-``PipelineStage`` fixes the shapes it sends at its first step, so every microbatch of a step is
-padded to the step's largest image count and text length (what its users do). The padding goes
-*behind* the real positions of the sequence (``[images, text, padded images, padded text]``):
-under causal attention no real position sees a padded one, so the loss equals the unpadded
-model's exactly while the encoder and every LLM block still pay for the padded positions.
+``PipelineStage`` fixes the shapes it *sends* at its first step, so the hidden sequence stage 0
+sends is padded to the step's most images and longest text (what its users do). Stage 0
+receives its microbatch from the schedule with the real counts beside it, so it runs the encoder
+on the real images only and pads afterwards; the LLM blocks pay for the padded positions, which
+is inherent to static shapes. The padding (zeros) goes *behind* the real positions of the
+sequence (``[images, text, padding]``): under causal attention no real position sees a padded
+one, so the loss equals the unpadded model's exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 from lightning_bigmac.runtime import LossWeights
 from lightning_bigmac.testing.tiny_mllm import TinyMLLM
 
-__all__ = ["FirstStage", "LastStage", "PaddedStep", "TorchPipelineSetup", "pad_step", "stage_modules"]
+__all__ = [
+    "FirstStage",
+    "LastStage",
+    "PaddedStep",
+    "TorchPipelineSetup",
+    "even_split",
+    "pad_step",
+    "stage_modules",
+]
 
 Microbatch = dict[str, torch.Tensor]
 
@@ -36,7 +49,7 @@ class PaddedStep:
     """One step's microbatches stacked on a leading microbatch dimension, padded to the largest."""
 
     images: torch.Tensor
-    """``[M, n_max, patches, patch_dim]``; padded images are zeros."""
+    """``[M, n_max, patches, patch_dim]``; padded images are zeros (the encoder never sees them)."""
     tokens: torch.Tensor
     """``[M, S_max]``; padded tokens are 0."""
     counts: torch.Tensor
@@ -78,9 +91,10 @@ class FirstStage(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         n, s = (int(c) for c in counts[0])
-        features = self.encoder({"images": images[0]})["features"]  # padded images cost encoder work too
-        real = self.embedding({"tokens": tokens[0, :s]}, {"features": features[:n]})  # [n*patches + s, D]
-        padding = torch.cat([features[n:].reshape(-1, real.shape[-1]), self.embedding.tokens(tokens[0, s:])])
+        features = self.encoder({"images": images[0, :n]})["features"]  # the real images only
+        real = self.embedding({"tokens": tokens[0, :s]}, {"features": features})  # [n*patches + s, D]
+        length = images.shape[1] * images.shape[2] + tokens.shape[1]  # what every microbatch sends
+        padding = real.new_zeros(length - real.shape[0], real.shape[1])
         return _blocks(torch.cat([real, padding]), self.blocks).unsqueeze(0)  # [1, L_max, D]
 
 
@@ -103,9 +117,16 @@ class LastStage(nn.Module):
         return loss + self.generator(real, mb) * (weights.generator / max(gen_targets, 1))
 
 
-def stage_modules(model: TinyMLLM) -> tuple[FirstStage, LastStage]:
-    """Both stages of ``model``, the LLM blocks cut in half (as an even ``pp=2`` split does)."""
-    split = len(model.blocks) // 2
+def even_split(blocks: int) -> int:
+    """The first block of stage 1 when ``blocks`` LLM blocks are cut in half (the untuned ``pp=2`` split)."""
+    return blocks // 2
+
+
+def stage_modules(model: TinyMLLM, split: int | None = None) -> tuple[FirstStage, LastStage]:
+    """Both stages of ``model``, stage 1 starting at block ``split`` (default: :func:`even_split`)."""
+    split = even_split(len(model.blocks)) if split is None else split
+    if not 0 < split < len(model.blocks):
+        raise ValueError(f"split={split} must leave each stage a block: 1..{len(model.blocks) - 1}")
     return FirstStage(model, split), LastStage(model, split)
 
 
@@ -121,13 +142,21 @@ class TorchPipelineSetup:
     """One rank of the 2-stage ``Schedule1F1B`` pipeline over a list of steps' microbatches.
 
     A ``PipelineStage`` and its schedule are built per padded shape (the stage infers its message
-    shapes once) and reused whenever a step pads to that shape again.
+    shapes once) and reused whenever a step pads to that shape again. ``split``: the first block of
+    stage 1 (default: half the blocks).
     """
 
-    def __init__(self, model: TinyMLLM, steps: Sequence[Sequence[Microbatch]], *, lr: float):
+    def __init__(
+        self,
+        model: TinyMLLM,
+        steps: Sequence[Sequence[Microbatch]],
+        *,
+        lr: float,
+        split: int | None = None,
+    ):
         self.model, self.steps = model, [list(s) for s in steps]
         self.rank = dist.get_rank()
-        first, last = stage_modules(model)
+        first, last = stage_modules(model, split)
         self.module = first if self.rank == 0 else last
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=lr)
         self.padded = [pad_step(s) for s in self.steps]

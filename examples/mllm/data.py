@@ -18,16 +18,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, IterableDataset
 
-from balancer import BalancedBatchSampler, BalancedStream, Sample, StepDataset
+from balancer import BalancedBatchSampler, BalancedStream, Sample
 from balancer.webdataset import webdataset_source
 from lightning_bigmac import Microbatches
+from lightning_bigmac.data_state import DataPosition, StepLoader
 
 from .collate import balancer_config, collate_step, describe, metadata_with_sizes
 from .config import DataConfig, ModelConfig
@@ -42,16 +41,6 @@ def _describe_raw(raw: dict[str, Any], cfg: ModelConfig) -> tuple[Record, Sample
     """``describe`` for :class:`balancer.BalancedStream`: (what the step carries, its descriptor)."""
     record = read_raw(raw)
     return record, describe(record.key, metadata_with_sizes(record), cfg)
-
-
-class _Steps(IterableDataset):
-    """A balanced stream as an ``IterableDataset`` of collated steps (load with ``batch_size=None``)."""
-
-    def __init__(self, stream: BalancedStream, cfg: ModelConfig, train: bool):
-        self.stream, self.cfg, self.train = stream, cfg, train
-
-    def __iter__(self) -> Iterator[Microbatches]:
-        return (collate_step(step, self.cfg, train=self.train) for step in self.stream)
 
 
 class _Records:
@@ -93,34 +82,49 @@ class ExampleDataModule(pl.LightningDataModule):
         for split in ("train", "val"):
             self.shards(split)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StepLoader:
         return self.loader("train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StepLoader:
         return self.loader("val")
 
-    def loader(self, split: str) -> DataLoader:
-        """A ``DataLoader`` of this replica's steps of ``split`` (:class:`lightning_bigmac.Microbatches`)."""
+    def on_after_batch_transfer(self, batch: Microbatches, dataloader_idx: int) -> Microbatches:
+        """Record each training step as trained, for the data position in checkpoints (as the
+        ``DataPosition`` callback does), so that a run resumes exactly whatever its callbacks."""
+        if self.trainer.training:
+            DataPosition.record(self.trainer, batch)
+        return batch
+
+    def loader(self, split: str) -> StepLoader:
+        """A loader of this replica's steps of ``split`` (:class:`lightning_bigmac.Microbatches`).
+
+        The training steps start at the trainer's epoch, where Lightning resumes a checkpoint written
+        at an epoch's end; from one written within an epoch it restores the loader's position itself.
+        """
         strategy = self.trainer.strategy if self.trainer is not None else None
         replica = getattr(strategy, "distributed_sampler_kwargs", None) or {}
         dp_rank, dp_size = replica.get("rank", 0), replica.get("num_replicas", 1)
         pipeline_size = getattr(strategy, "pipeline_parallel_size", 1)  # BigMacStrategy's P
         balance = balancer_config(self.config, self.model, pipeline_size=pipeline_size)
         train, urls = split == "train", self.shards(split)
+        collate_fn = partial(collate_step, cfg=self.model, train=train)
         if self.config.reader == "webdataset":
-            stream = BalancedStream(
+            steps: BalancedStream | BalancedBatchSampler = BalancedStream(
                 webdataset_source(urls, seed=self.config.seed, shuffle=train),
                 balance,
                 describe=partial(_describe_raw, cfg=self.model),
                 dp_rank=dp_rank,
                 dp_size=dp_size,
             )
-            return DataLoader(_Steps(stream, self.model, train), batch_size=None)
-        dataset = hf_dataset(urls, os.path.join(self.config.cache_dir, "hf"))
-        rows = zip(dataset["__key__"], dataset["json"], strict=True)  # metadata only: no pixels decoded
-        descriptors = [describe(key, meta, self.model) for key, meta in rows]
-        sampler = BalancedBatchSampler(
-            descriptors, balance, dp_rank=dp_rank, dp_size=dp_size, seed=self.config.seed, shuffle=train
-        )
-        collate_fn = partial(collate_step, cfg=self.model, train=train)
-        return DataLoader(StepDataset(_Records(dataset)), batch_sampler=sampler, collate_fn=collate_fn)
+            dataset = None
+        else:
+            hf = hf_dataset(urls, os.path.join(self.config.cache_dir, "hf"))
+            rows = zip(hf["__key__"], hf["json"], strict=True)  # metadata only: no pixels decoded
+            descriptors = [describe(key, meta, self.model) for key, meta in rows]
+            steps = BalancedBatchSampler(
+                descriptors, balance, dp_rank=dp_rank, dp_size=dp_size, seed=self.config.seed, shuffle=train
+            )
+            dataset = _Records(hf)
+        if train and self.trainer is not None:
+            steps.set_epoch(self.trainer.current_epoch)
+        return StepLoader(steps, dataset, collate_fn=collate_fn)

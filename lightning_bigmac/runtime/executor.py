@@ -16,7 +16,18 @@ B<c>.j  receive the output gradient (or none: last stage without generator); bac
         kept outputs (and the scaled text loss); free them; send the input gradients upstream,
         from stage 0 to the encoder owner's EB.j
 EB.j    receive the gradient of ``enc`` and backward through the kept encoder graph; free it
+I<c>.j  split backward (:mod:`.backward`): like B, but only the input gradients; keep the graph
+        and what the weight half needs
+W<c>.j  the weight gradients of I<c>.j's graph; free it
+GI.j    like G, but only the gradient w.r.t. its input; keep the graph for GW.j
+GW.j    the generator's weight gradients of GI.j's graph; free it
 ======  ==========================================================================================
+
+Failures: every wait on a peer is bounded by the timeout and a lost peer raises
+:class:`~lightning_bigmac.runtime.errors.PeerError` naming the rank, the op and the step
+(:mod:`.watch`); an exception from the user's modules inside an op is re-raised as
+:class:`~lightning_bigmac.runtime.errors.OpError` naming the op and what its microbatch holds, and
+its peers then fail with a PeerError that names this rank's error.
 
 Loss scaling: a microbatch's text loss sum is multiplied by ``text_weight / T`` and its generator
 loss sum by ``generator_weight / G`` where ``T`` and ``G`` count the targets of the whole step
@@ -32,12 +43,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from lightning_bigmac.schedule import Op, Plan
-from lightning_bigmac.schedule.plan import EF, F
+from lightning_bigmac.schedule.plan import EF, GW, F, W
 
+from .backward import Kept, backward_input, backward_weight, full_backward, leaf_grads
+from .collectives import all_reduce, broadcast_object
+from .errors import describe_microbatch
 from .grad_sync import DEFAULT_BUCKET_BYTES, all_reduce_grads
 from .groups import PipelineGroups
 from .memory import ActivationMeter
@@ -68,18 +81,6 @@ class StepResult:
     """Evaluation steps with ``PipelineParts.eval_outputs``: its result per microbatch, on every rank."""
 
 
-@dataclass
-class _Kept:
-    """What a forward keeps for its backward."""
-
-    inputs: list[torch.Tensor | None]
-    """Leaves of the received input; their ``.grad`` goes upstream."""
-    outputs: list[Any]
-    """Leaves of the output whose gradients come from downstream."""
-    loss: torch.Tensor | None = None
-    """The scaled text loss on the last stage."""
-
-
 def _leaves(tree: Any) -> list[Any]:
     return pytree.tree_leaves(tree)
 
@@ -97,21 +98,6 @@ def _detached(tree: Any) -> Any:
 
 def _to(tree: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
-
-
-def _input_grads(inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    return [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
-
-
-def _backward(tensors: list[Any], grads: list[torch.Tensor | None]) -> None:
-    """Backward from the outputs that require grad and received one (a stage may ignore an input)."""
-    pairs = [
-        (t, g)
-        for t, g in zip(tensors, grads, strict=True)
-        if isinstance(t, torch.Tensor) and t.requires_grad and g is not None
-    ]
-    if pairs:
-        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
 class PipelineExecutor:
@@ -150,6 +136,8 @@ class PipelineExecutor:
         self.partition: Partition = partition(parts, groups.pp, vpp, split_points=split_points)
         self.stages: list[Stage] = place(parts, self.partition, self.rank, self.device)
         self.transport = Transport(groups, device=self.device, timeout=timeout, match_by_order=match_by_order)
+        self.watch = self.transport.watch
+        """Bounds every wait on a peer and names the step in errors; shared with the transport."""
         self.transport.connect()
         self.memory = ActivationMeter(self.parameters()) if measure_memory else None
         self.profiler = OpProfiler(self.rank, self.device) if profile else None
@@ -202,7 +190,7 @@ class PipelineExecutor:
         gen = sum(int(self.parts.generator_targets(mb)) for mb in microbatches) if plan.generator else 0
         counts = torch.tensor([text, gen], dtype=torch.float64, device=self.device)
         if self.groups.dp > 1:
-            dist.all_reduce(counts, group=self.groups.dp_group)
+            all_reduce(counts, self.groups.dp_group, self.watch, "the target count all-reduce")
         return int(counts[0].item()), int(counts[1].item())
 
     def step(self, plan: Plan, microbatches: Sequence[Any]) -> StepResult:
@@ -214,16 +202,21 @@ class PipelineExecutor:
         the losses.
         """
         self._check(plan, microbatches)
-        run = _Step(self, plan, self.routes(plan), [_to(mb, self.device) for mb in microbatches])
-        if self.memory is not None:
-            self.memory.reset()
-        if self.profiler is not None:
-            self.profiler.start_step(self.groups.pipeline_group)
-        with torch.set_grad_enabled(not plan.forward_only):
-            run.execute()
-        if not plan.forward_only:
-            self.sync_gradients(plan)
-        return run.result()
+        self.watch.step = 0 if self.watch.step is None else self.watch.step + 1
+        try:
+            run = _Step(self, plan, self.routes(plan), [_to(mb, self.device) for mb in microbatches])
+            if self.memory is not None:
+                self.memory.reset()
+            if self.profiler is not None:
+                self.profiler.start_step(self.groups.pipeline_group)
+            with torch.set_grad_enabled(not plan.forward_only):
+                run.execute()
+            if not plan.forward_only:
+                self.sync_gradients(plan)
+            return run.result()
+        except BaseException:
+            self.transport.abandon()  # this rank is out: its peers must learn now, not at their timeout
+            raise
 
     def restrict_optimizers(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """Keep in each optimizer only the parameters this rank holds (``configure_optimizers`` saw all)."""
@@ -238,12 +231,13 @@ class PipelineExecutor:
         Encoder/generator gradients are skipped when ``plan`` has no such work (a text-only step),
         which every rank knows from the plan.
         """
-        calls = all_reduce_grads(self.llm_parameters(), self.groups.dp_group, self.bucket_bytes)
+        groups, watch = self.groups, self.watch
+        calls = all_reduce_grads(self.llm_parameters(), groups.dp_group, watch, self.bucket_bytes)
         for module in ("encoder", "generator"):
             part = getattr(self.parts, module)
             if part is not None and (plan is None or getattr(plan, module)):
-                params = list(part.parameters())
-                calls += all_reduce_grads(params, self.groups.replica_group, self.bucket_bytes)
+                params, what = list(part.parameters()), f"the {module} gradient all-reduce"
+                calls += all_reduce_grads(params, groups.replica_group, watch, self.bucket_bytes, what)
         return calls
 
 
@@ -297,7 +291,11 @@ class _Step:
             prof = ex.profiler.op(op) if ex.profiler is not None else nullcontext()
             mem = ex.memory.record(op) if ex.memory is not None else nullcontext()
             with prof, mem:
-                out = getattr(self, f"_{op.kind}")(op, x)
+                try:
+                    out = getattr(self, f"_{op.kind}")(op, x)
+                except Exception as err:
+                    held = describe_microbatch(self.mbs[op.microbatch])
+                    raise ex.watch.op_failed(f"{op} (microbatch {op.microbatch}: {held})", err) from err
             self.deliver(op, out)
             ex.transport.poll()
         ex.transport.flush()
@@ -311,7 +309,7 @@ class _Step:
 
     def _EB(self, op: Op, grads: list[torch.Tensor | None]) -> None:
         enc = self.kept.pop((EF, op.microbatch, -1))
-        _backward(_leaves(enc), grads)
+        full_backward(_leaves(enc), grads)
 
     def _F(self, op: Op, x: Any) -> Any:
         mb = self.mbs[op.microbatch]
@@ -325,36 +323,51 @@ class _Step:
             if self.plan.forward_only and self.ex.parts.eval_outputs is not None:
                 self.eval_outputs[op.microbatch] = self.ex.parts.eval_outputs(h, mb)
         if not self.plan.forward_only:
-            self.kept[(F, op.microbatch, op.chunk)] = _Kept(_leaves(x), _leaves(h), loss)
+            self.kept[(F, op.microbatch, op.chunk)] = Kept(_leaves(x), _leaves(h), loss)
         return h
 
     def _B(self, op: Op, grads: list[torch.Tensor | None] | None) -> list[torch.Tensor | None]:
-        kept: _Kept = self.kept.pop((F, op.microbatch, op.chunk))
-        tensors, upstream = [], []
-        if kept.loss is not None:
-            tensors.append(kept.loss)
-            upstream.append(torch.ones_like(kept.loss))
-        if grads is not None:
-            tensors += kept.outputs
-            upstream += grads
-        _backward(tensors, upstream)
-        return _input_grads(kept.inputs)
+        kept: Kept = self.kept.pop((F, op.microbatch, op.chunk))
+        full_backward(*kept.roots(grads))
+        return leaf_grads(kept.inputs)
 
-    def _G(self, op: Op, h: Any) -> list[torch.Tensor | None] | None:
-        mb = self.mbs[op.microbatch]
-        gen = self.ex.parts.generator(h, mb)
+    def _I(self, op: Op, grads: list[torch.Tensor | None] | None) -> list[torch.Tensor | None]:
+        kept: Kept = self.kept.pop((F, op.microbatch, op.chunk))
+        input_grads, self.kept[(W, op.microbatch, op.chunk)] = backward_input(*kept.roots(grads), kept.inputs)
+        return input_grads
+
+    def _W(self, op: Op, _: None) -> None:
+        backward_weight(self.kept.pop((W, op.microbatch, op.chunk)))
+
+    def _generator_loss(self, op: Op, h: Any) -> torch.Tensor | None:
+        """The generator's scaled loss of ``op``'s microbatch (None in an evaluation step)."""
+        gen = self.ex.parts.generator(h, self.mbs[op.microbatch])
         self.gen_sum += gen.detach().double()
         if self.plan.forward_only:
             return None
-        scale = self.ex.weights.generator / self.gen_targets if self.gen_targets else 0.0
-        (gen * scale).backward()
-        return _input_grads(_leaves(h))
+        return gen * (self.ex.weights.generator / self.gen_targets if self.gen_targets else 0.0)
+
+    def _G(self, op: Op, h: Any) -> list[torch.Tensor | None] | None:
+        loss = self._generator_loss(op, h)
+        if loss is None:
+            return None
+        loss.backward()
+        return leaf_grads(_leaves(h))
+
+    def _GI(self, op: Op, h: Any) -> list[torch.Tensor | None]:
+        loss = self._generator_loss(op, h)
+        grads, weights = backward_input([loss], [torch.ones_like(loss)], _leaves(h))
+        self.kept[(GW, op.microbatch, -1)] = weights
+        return grads
+
+    def _GW(self, op: Op, _: None) -> None:
+        backward_weight(self.kept.pop((GW, op.microbatch, -1)))
 
     # ---- result ---------------------------------------------------------------------------------
     def result(self) -> StepResult:
         """Global losses: every rank adds what it computed, summed over the world."""
         sums = torch.stack([self.text_sum, self.gen_sum])
-        dist.all_reduce(sums, group=self.ex.groups.replica_group)
+        all_reduce(sums, self.ex.groups.replica_group, self.ex.watch, "the loss all-reduce")
         text_sum, gen_sum = sums.tolist()
         text = text_sum / self.text_targets if self.text_targets else 0.0
         gen = gen_sum / self.gen_targets if self.gen_targets else 0.0
@@ -366,9 +379,10 @@ class _Step:
             mine = (
                 [self.eval_outputs[j] for j in range(self.plan.microbatches)] if self.eval_outputs else None
             )
-            box = [mine]  # filled on the last stage, broadcast to the pipeline
-            dist.broadcast_object_list(box, src=groups.pipeline_ranks[-1], group=groups.pipeline_group)
-            outputs = box[0]
+            outputs = broadcast_object(  # filled on the last stage
+                mine, groups.pipeline_ranks[-1], groups.pipeline_group, self.ex.watch,
+                "the evaluation outputs broadcast", self.ex.device,
+            )  # fmt: skip
         return StepResult(
             loss=w.text * text + w.generator * gen,
             text_loss=text,

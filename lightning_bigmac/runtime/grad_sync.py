@@ -8,7 +8,8 @@ of one big batch: no averaging here.
 Gradients are packed into flat buckets of about ``bucket_bytes`` and reduced one
 ``all_reduce`` per bucket (one call per parameter would pay the collective's latency hundreds
 of times). A parameter without a gradient on this rank (no microbatch used it) contributes
-zeros, so every rank of the group posts the same buckets in the same order.
+zeros, so every rank of the group posts the same buckets in the same order. Every all-reduce is
+bounded by the timeout and names the lost peer (:mod:`.collectives`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .collectives import all_reduce
+from .watch import PeerWatch
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "all_reduce_grads", "buckets", "clip_grad_norm_", "global_grad_norm"]
 
@@ -42,12 +46,15 @@ def buckets(params: Sequence[torch.nn.Parameter], bucket_bytes: int) -> Iterator
 def all_reduce_grads(
     params: Sequence[torch.nn.Parameter],
     group: dist.ProcessGroup,
+    watch: PeerWatch,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    what: str = "the gradient all-reduce",
 ) -> int:
     """Sum ``params``' gradients over ``group`` in place; returns the number of collectives issued.
 
     Every rank of ``group`` must pass the same parameters in the same order (the same modules).
-    Afterwards every parameter has a ``.grad`` (zeros where no rank produced one).
+    Afterwards every parameter has a ``.grad`` (zeros where no rank produced one). ``watch``
+    bounds each bucket's all-reduce; ``what`` names them in its errors.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
@@ -60,7 +67,7 @@ def all_reduce_grads(
     calls = 0
     for run in buckets(params, bucket_bytes):
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in run])
-        dist.all_reduce(flat, group=group)
+        all_reduce(flat, group, watch, what)
         calls += 1
         offset = 0
         for p in run:
@@ -80,15 +87,21 @@ def global_grad_norm(
     replicas: Sequence[torch.nn.Parameter],
     pipeline_group: dist.ProcessGroup,
     device: torch.device,
+    watch: PeerWatch | None = None,
 ) -> float:
     """The 2-norm of the whole model's gradient, as one process would compute it (a collective).
 
     ``llm`` parameters live on one rank of each pipeline (their gradients already summed over the
     replicas): their squares are summed over ``pipeline_group``. ``replicas`` (encoder and
     generator) gradients are identical on every rank after the sync, so each rank adds them once.
+    ``watch`` (the executor's) names a lost peer; without it the all-reduce is bounded only by the
+    group's timeout and fails with the backend's error.
     """
     squares = _squares(llm, device)
-    dist.all_reduce(squares, group=pipeline_group)
+    if watch is None:
+        dist.all_reduce(squares, group=pipeline_group)
+    else:
+        all_reduce(squares, pipeline_group, watch, "the gradient norm all-reduce")
     return math.sqrt(float(squares) + float(_squares(replicas, device)))
 
 

@@ -14,13 +14,21 @@ pair of ranks of its pipeline: a two-rank group used only for messages from ``a`
 runs all operations of one communicator on one stream, so a send ``a -> b`` and a send
 ``b -> a`` on a shared communicator could each wait for the other's receive; one communicator per
 direction removes that cycle. Gloo does not need it, but one code path serves both.
+
+Every group gets the runtime's timeout: ``new_group`` without one keeps torch's default (30
+minutes), and a rank stuck in a collective with a hung peer would wait that long. The ranks'
+:class:`~lightning_bigmac.runtime.beacon.Beacon` s start here too, once per layout, so that a rank
+that loses a peer can find out which one failed first.
 """
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from .beacon import Beacon
 
 __all__ = ["PipelineGroups", "global_rank", "layout"]
 
@@ -59,12 +67,15 @@ class PipelineGroups:
     channels: dict[tuple[int, int], dist.ProcessGroup]
     """``(src, dst)`` pipeline ranks -> the group carrying messages from ``src`` to ``dst``; only
     pairs that include this rank."""
+    beacon: Beacon | None = None
+    """This rank's beacon and its peers' addresses (see :mod:`.beacon`)."""
 
     @classmethod
-    def create(cls, pp: int, dp: int | None = None) -> PipelineGroups:
+    def create(cls, pp: int, dp: int | None = None, *, timeout: float = 300.0) -> PipelineGroups:
         """Create every group (a collective: all ranks must call it with the same arguments).
 
-        ``dp`` defaults to ``world_size // pp``. Requires an initialised default process group.
+        ``dp`` defaults to ``world_size // pp``. ``timeout`` (seconds) bounds every operation on
+        the groups: give the runtime's. Requires an initialised default process group.
         """
         if not dist.is_initialized():
             raise RuntimeError("PipelineGroups.create needs torch.distributed.init_process_group() first")
@@ -77,6 +88,9 @@ class PipelineGroups:
                 f"pp={pp} x dp={dp} = {pp * dp} ranks but the world has {world}: "
                 f"choose pp and dp with pp * dp == {world}"
             )
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        bound = datetime.timedelta(seconds=timeout)
         rank = dist.get_rank()
         me_p, me_d = rank % pp, rank // pp
         ranks = layout(pp, dp)
@@ -84,11 +98,11 @@ class PipelineGroups:
         pipeline_group = dp_group = None
         channels: dict[tuple[int, int], dist.ProcessGroup] = {}
         for d, members in enumerate(ranks["pipelines"]):
-            group = dist.new_group(members)
+            group = dist.new_group(members, timeout=bound)
             if d == me_d:
                 pipeline_group = group
         for p, members in enumerate(ranks["data_parallel"]):
-            group = dist.new_group(members)
+            group = dist.new_group(members, timeout=bound)
             if p == me_p:
                 dp_group = group
         for d in range(dp):
@@ -96,7 +110,7 @@ class PipelineGroups:
                 for dst in range(pp):
                     if src == dst:
                         continue
-                    group = dist.new_group([global_rank(src, d, pp), global_rank(dst, d, pp)])
+                    group = dist.new_group([global_rank(src, d, pp), global_rank(dst, d, pp)], timeout=bound)
                     if d == me_d and me_p in (src, dst):
                         channels[(src, dst)] = group
         assert pipeline_group is not None and dp_group is not None
@@ -112,6 +126,7 @@ class PipelineGroups:
             dp_group=dp_group,
             replica_group=dist.group.WORLD,
             channels=channels,
+            beacon=Beacon.start(),
         )
 
     def describe(self) -> str:

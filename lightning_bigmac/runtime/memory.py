@@ -4,9 +4,11 @@ Around each op's forward a ``saved_tensors_hooks`` pair sees every tensor autogr
 bytes of their storages (each storage counted once per op; parameters excluded, they are not
 activations) form the op's *unit*, the same unit the simulator counts in
 (:attr:`~lightning_bigmac.schedule.Simulation.peak_live`): ``F`` and ``EF`` make a unit live,
-``B`` and ``EB`` free it once the executor drops the saved graph, ``G`` makes and frees one. The
-peak of the live sum is what the simulator predicts in units, so for equal-sized microbatches
-``peak_bytes / unit_bytes`` must equal the predicted peak.
+``B`` and ``EB`` free it once the executor drops the saved graph, ``G`` makes and frees one; in a
+split backward ``W`` frees the ``F`` unit and ``GI`` makes a unit that ``GW`` frees (the
+input-gradient ops keep the graph for them). The peak of the live sum is what the simulator
+predicts in units, so for equal-sized microbatches ``peak_bytes / unit_bytes`` must equal the
+predicted peak.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from contextlib import contextmanager
 import torch
 
 from lightning_bigmac.schedule import Op
-from lightning_bigmac.schedule.plan import EB, EF, MODULES, B, F, G
+from lightning_bigmac.schedule.plan import EB, EF, GI, GW, MODULES, B, F, G, W
 
 __all__ = ["ActivationMeter"]
 
-_OPENS = {F, EF, G}
-_CLOSES = {B: F, EB: EF, G: G}
+_OPENS = {F, EF, G, GI}
+_CLOSES = {B: F, EB: EF, G: G, W: F, GW: GI}
 
 
 def _unit(op: Op) -> tuple[str, int, int]:

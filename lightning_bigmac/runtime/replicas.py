@@ -15,39 +15,49 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import collectives
+from .executor import PipelineExecutor
 from .grad_sync import DEFAULT_BUCKET_BYTES, buckets
-from .groups import PipelineGroups
+from .watch import PeerWatch
 
 __all__ = ["broadcast_module", "equalise_replicas"]
 
 
 @torch.no_grad()
 def broadcast_module(
-    module: nn.Module, src: int, group: dist.ProcessGroup, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    module: nn.Module,
+    src: int,
+    group: dist.ProcessGroup,
+    watch: PeerWatch,
+    what: str,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> None:
-    """Overwrite ``module``'s parameters and buffers with global rank ``src``'s, over ``group``.
+    """Overwrite ``module``'s parameters and buffers with global rank ``src``'s, over ``group``
+    (``what`` names it if a peer is lost).
 
     Every rank of ``group`` must pass a module of the same structure (same tensors, same order).
     """
     tensors: Sequence[torch.Tensor] = [*module.parameters(), *module.buffers()]
     for run in buckets([t for t in tensors if t.numel()], bucket_bytes):
         flat = torch.cat([t.detach().reshape(-1) for t in run])
-        dist.broadcast(flat, src=src, group=group)
+        collectives.broadcast(flat, src, group, watch, what)
         offset = 0
         for t in run:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
 
-def equalise_replicas(
-    replicated: Sequence[nn.Module], stages: Sequence[nn.Module], groups: PipelineGroups
-) -> None:
-    """Encoder/generator (``replicated``) from global rank 0 over every rank; each of this rank's
-    ``stages`` from data-parallel rank 0 of its group. A collective over the world."""
+def equalise_replicas(executor: PipelineExecutor) -> None:
+    """The executor's encoder/generator replicas from global rank 0 over every rank, and each of
+    its stages from data-parallel rank 0 of its group. A collective over the world."""
+    groups, watch = executor.groups, executor.watch
     if groups.pp * groups.dp == 1:
         return
-    for module in replicated:
-        broadcast_module(module, src=0, group=groups.replica_group)
+    for module in (executor.parts.encoder, executor.parts.generator):
+        if module is not None:
+            broadcast_module(module, 0, groups.replica_group, watch, "the replica broadcast at setup")
     if groups.dp > 1:
-        for stage in stages:
-            broadcast_module(stage, src=groups.dp_ranks[0], group=groups.dp_group)
+        for stage in executor.stages:
+            broadcast_module(
+                stage, groups.dp_ranks[0], groups.dp_group, watch, "the stage broadcast at setup"
+            )

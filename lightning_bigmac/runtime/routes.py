@@ -2,8 +2,8 @@
 
 Every dependency of :class:`~lightning_bigmac.schedule.DataFlow` is one of two things:
 
-* a *kept* edge, ``F(s).j -> B(s).j`` or ``EF.j -> EB.j`` on one rank: the backward reuses what
-  its own forward saved, nothing moves;
+* a *kept* edge, ``F(s).j -> B(s).j`` or ``EF.j -> EB.j`` on one rank (split: ``F -> I -> W``,
+  ``GI -> GW``): the backward reuses what its own forward saved, nothing moves;
 * a *message*: the producer's result (activations forward, gradients backward) goes to the
   consumer, over the wire when they are on different ranks, through a local mailbox otherwise.
 
@@ -19,14 +19,17 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from lightning_bigmac.schedule import DataFlow, Op, Plan, stage_of
-from lightning_bigmac.schedule.plan import EB, EF, B, F, G
+from lightning_bigmac.schedule.plan import EB, EF, GI, GW, B, F, G, I, W
 
 __all__ = ["Message", "Routes"]
 
-_KEPT = {(F, B), (EF, EB)}
-_FORWARD_OF = {B: F, EB: EF, G: G}
-"""The op whose input a backward-side op sends gradients for (G does both)."""
-_KIND_CODE = {F: 0, B: 1, EF: 2, EB: 3, G: 4}
+_KEPT = {(F, B), (EF, EB), (F, I), (I, W), (GI, GW)}
+_FORWARD_OF = {B: F, I: F, EB: EF, G: G, GI: GI}
+"""The op whose input a backward-side op sends gradients for (G and GI do both)."""
+_KIND_CODE = {F: 0, B: 1, I: 1, EF: 2, EB: 3, G: 4, GI: 4}
+"""Per kind of message consumer (W and GW read only what their rank kept); a plan has either B
+and G or, split, I and GI, so the two share codes."""
+_CODES = 5
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Routes:
     def tag(self, rank: int, op: Op) -> int:
         """Unique tag of the message consumed by ``op`` on ``rank``: from (op kind, microbatch, stage)."""
         stage = stage_of(rank, op.chunk, self.plan.pp) if op.chunk >= 0 else 0
-        return (op.microbatch * self.flow.num_stages + stage) * len(_KIND_CODE) + _KIND_CODE[op.kind]
+        return (op.microbatch * self.flow.num_stages + stage) * _CODES + _KIND_CODE[op.kind]
 
     def _message(self, src: tuple[int, Op], dst: tuple[int, Op]) -> Message:
         return Message(src[0], src[1], dst[0], dst[1], self.tag(*dst))

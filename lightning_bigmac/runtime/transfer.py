@@ -17,7 +17,7 @@ plan), so both rules give the same pairing. Tags are unique per message within a
 Sends are asynchronous (the validator's deadlock-freedom assumes it): :meth:`Transport.send`
 posts ``isend`` and keeps the buffers alive until the work completes. Receives block, with a
 deadline: a peer that died or a message that never comes raises :class:`PeerError` naming the
-peer and the op instead of hanging.
+peer, the op and the step instead of hanging (:mod:`~lightning_bigmac.runtime.watch`).
 
 Answers. A message of gradients going back for a message this rank sent (an *answer*, see
 :meth:`Transport.expect`) has no header at all: it holds one tensor per leaf of the message it
@@ -33,16 +33,14 @@ message's payload receives are posted, a payload's receives as soon as its heade
 receiving thread per peer with gloo), and an answer's receives when its request is sent. An
 inline message needs no round trip at all: its envelope receive was posted before it was sent.
 The price is one envelope per peer and one gradient-sized buffer per answer in flight.
+
+The sending side lives here, the receiving side in :mod:`~lightning_bigmac.runtime.receiving`,
+what both share (addresses, tags, waits) in :mod:`~lightning_bigmac.runtime.link`.
 """
 
 from __future__ import annotations
 
-import datetime
-import threading
-import time
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,67 +48,23 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
+from .collectives import sever_all
 from .errors import PeerError
 from .groups import PipelineGroups
-from .wire import Meta, answer_payload, answer_slots, decode_header, encode_header, leaf_words, meta_of
+from .link import GLOO_INLINE_BYTES, HEADER_SLOTS, PARTS, Link
+from .receiving import Receiver
+from .watch import Lost, PeerWatch
+from .wire import answer_payload, answer_slots, encode_header, leaf_words
 
 __all__ = ["GLOO_INLINE_BYTES", "HEADER_SLOTS", "PARTS", "PeerError", "Transport"]
-
-HEADER_SLOTS = 256
-"""int64 words of the smallest envelope (2 KiB); longer headers continue in a second message."""
-GLOO_INLINE_BYTES = 256 * 1024
-"""Envelope size with gloo: a message up to this size (header included) is one transfer."""
-PARTS = 4096
-"""Sub-messages per message: header, header overflow and up to ``PARTS - 2`` tensor leaves."""
-_MAX_TAG = 2**31 - 1
-
-
-@dataclass(eq=False)
-class _Incoming:
-    """One announced message. Its *header phase* (``stage`` "queued", "header", then "rest" if the
-    header overflows) ends with its payload receives posted (``stage`` "payload") and ``ready``
-    set, or with ``error`` set; from then on only the consuming thread touches it.
-
-    An answer (``answers`` set) has no header: once this rank has sent the ``request`` it answers,
-    its payload receives are posted from the request's leaves.
-    """
-
-    tag: int
-    what: str
-    answers: int | None = None
-    stage: str = "queued"
-    ready: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    request_sent: threading.Event = field(default_factory=threading.Event)
-    request: list[Meta] = field(default_factory=list)
-    buf: torch.Tensor | None = None
-    works: list[dist.Work] = field(default_factory=list)
-    header: list[int] = field(default_factory=list)
-    spec: Any = None
-    metas: list[Meta] = field(default_factory=list)
-    leaves: list[torch.Tensor | None] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Channel:
-    """The messages announced from one sender, in its posting order."""
-
-    messages: deque[_Incoming]
-    """Not yet handed out."""
-    unready: deque[_Incoming]
-    """Still in their header phase; run in order by ``pump`` or, without one, between ops."""
-    done: dict[int, Any] = field(default_factory=dict)
-    received: dict[int, list[Meta]] = field(default_factory=dict)
-    """Leaves of the messages handed out, by tag, for answering them (:meth:`Transport.send`)."""
-    pump: threading.Thread | None = None
-    spare: list[torch.Tensor] = field(default_factory=list)
 
 
 class Transport:
     """Sends and receives pytrees between the ranks of one pipeline (pipeline ranks as addresses).
 
     ``device`` is where payloads live: CPU for gloo, the rank's GPU for NCCL (headers too, since
-    NCCL moves only device tensors). ``timeout`` (seconds) bounds every wait. ``match_by_order``
+    NCCL moves only device tensors). ``timeout`` (seconds) bounds every wait; :attr:`watch` holds
+    it, the step being run, and turns a lost peer into a :class:`PeerError`. ``match_by_order``
     puts tag 0 on the wire so gloo pairs messages by posting order alone, as NCCL does: tests use
     it to prove on CPU that the receive order is right for NCCL (the header still carries the tag
     and is checked). ``inline_bytes``: the envelope size (see the module docstring); None gives
@@ -127,40 +81,10 @@ class Transport:
         match_by_order: bool = False,
         inline_bytes: int | None = None,
     ):
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.groups = groups
-        self.device = torch.device(device)
-        self.timeout = float(timeout)
-        self.match_by_order = match_by_order
+        self.watch = PeerWatch(groups.rank, timeout, groups.beacon)
+        self.link = Link(groups, torch.device(device), self.watch, match_by_order, inline_bytes)
+        self.receiver = Receiver(self.link)
         self._pending: list[tuple[dist.Work, list[torch.Tensor], int, str]] = []
-        self._gloo = dist.get_backend(groups.pipeline_group) == "gloo"
-        if inline_bytes is None:
-            inline_bytes = GLOO_INLINE_BYTES if self._gloo and not match_by_order else 0
-        if inline_bytes < 0:
-            raise ValueError(f"inline_bytes must be >= 0, got {inline_bytes}")
-        self.envelope = max(HEADER_SLOTS, inline_bytes // 8)
-        """int64 words of every message's first transfer (both ends must agree)."""
-        self._channels: dict[int, _Channel] = {}
-        self._awaiting: dict[tuple[int, int], _Incoming] = {}
-        """Answers announced by :meth:`expect`, by (peer, tag of the request they answer)."""
-
-    # ---- addressing -------------------------------------------------------------------------
-    def _peer(self, pipeline_rank: int) -> int:
-        return self.groups.pipeline_ranks[pipeline_rank]
-
-    def _describe(self, pipeline_rank: int) -> str:
-        return f"rank {self._peer(pipeline_rank)}"
-
-    def _sub_tag(self, tag: int, part: int) -> int:
-        if self.match_by_order:
-            return 0
-        sub = tag * PARTS + part
-        if not 0 <= sub <= _MAX_TAG:
-            raise ValueError(
-                f"message tag {tag} is too large for {PARTS} parts: fewer microbatches or stages"
-            )
-        return sub
 
     # ---- sending ----------------------------------------------------------------------------
     def send(self, tree: Any, dst: int, tag: int, *, what: str, answers: int | None = None) -> None:
@@ -171,28 +95,27 @@ class Transport:
         ``answers``: the tag of the message from ``dst`` that this one answers with gradients, one
         list entry per leaf of it (see :meth:`expect`); ``dst`` has posted its receives already.
         """
+        link = self.link
         leaves, spec = pytree.tree_flatten(tree)
         if len(leaves) > PARTS - 2:
             raise ValueError(f"{what}: {len(leaves)} tensors cross the stage but at most {PARTS - 2} may")
         if answers is None:
             payload = [leaf.detach().contiguous() for leaf in leaves if leaf is not None and leaf.numel() > 0]
             header = encode_header(tag, spec, leaves)
-            if len(header) + sum(leaf_words(leaf) for leaf in payload) <= self.envelope:
+            if len(header) + sum(leaf_words(leaf) for leaf in payload) <= link.envelope:
                 header[4] = 1  # inline
                 bufs = self._envelope(header, payload)
             else:
                 bufs = self._envelope(header, []) + payload
         else:
-            slots = answer_slots(self._request_of(dst, answers, what))
-            bufs = answer_payload(leaves, spec, slots, self.device, what)
-        group, peer = self.groups.channels[(self.groups.pipeline_rank, dst)], self._peer(dst)
-        for part, buf in enumerate(bufs):
-            sub = self._sub_tag(tag, part)
-            self._pending.append((dist.isend(buf, dst=peer, group=group, tag=sub), [buf], dst, what))
-        answer = self._awaiting.pop((dst, tag), None)
-        if answer is not None:
-            answer.request = [meta_of(leaf) for leaf in leaves]
-            answer.request_sent.set()
+            slots = answer_slots(self.receiver.request_of(dst, answers, what))
+            bufs = answer_payload(leaves, spec, slots, link.device, what)
+        try:
+            for part, buf in enumerate(bufs):
+                self._pending.append((link.isend(buf, dst, tag, part, what), [buf], dst, what))
+        except Lost as lost:
+            raise self.watch.failure(lost) from lost.cause
+        self.receiver.request_sent(dst, tag, leaves)
         self._prune()
 
     def _envelope(self, header: list[int], inline: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -202,14 +125,15 @@ class Transport:
         Gloo fills a receive from a shorter send, so there only the used part of the envelope
         travels; NCCL needs equal sizes (and so does ``match_by_order``, which stands in for it).
         """
+        link = self.link
         used = len(header) + sum(leaf_words(leaf) for leaf in inline)
-        size = min(used, self.envelope) if self._gloo and not self.match_by_order else self.envelope
+        size = min(used, link.envelope) if link.gloo and not link.match_by_order else link.envelope
         words = np.zeros(max(len(header), size), dtype=np.int64)
         words[: len(header)] = header
         bufs = [torch.from_numpy(words[:size])]
         if len(header) > size:
             bufs.append(torch.from_numpy(words[size:]))
-        bufs = [buf.to(self.device) for buf in bufs]
+        bufs = [buf.to(link.device) for buf in bufs]
         raw, pos = bufs[0].view(torch.uint8), len(header) * 8
         for leaf in inline:
             n = leaf.numel() * leaf.element_size()
@@ -217,26 +141,21 @@ class Transport:
             pos += leaf_words(leaf) * 8
         return bufs
 
-    def _request_of(self, dst: int, tag: int, what: str) -> list[Meta]:
-        """The leaves of message ``tag`` received from ``dst``, which ``what`` answers."""
-        chan = self._channels.get(dst)
-        if chan is None or tag not in chan.received:
-            raise RuntimeError(
-                f"rank {self.groups.rank}: {what} answers message {tag} from {self._describe(dst)}, "
-                "which this rank has not received"
-            )
-        return chan.received.pop(tag)
-
     def _prune(self) -> None:
         """Drop the buffers of completed sends so memory follows the schedule, not the step."""
         self._pending = [p for p in self._pending if not p[0].is_completed()]
 
     def flush(self) -> None:
         """Wait for every posted send (at the end of a step); raises :class:`PeerError` on a lost peer."""
-        deadline = time.monotonic() + self.timeout
+        deadline = self.watch.deadline()
         pending, self._pending = self._pending, []
         for work, _bufs, dst, what in pending:
-            self._wait(work, deadline, dst, what, sending=True)
+            self.watch.blocked((self.link.peer(dst),), what)
+            try:
+                self.link.wait(work, deadline, dst, what, sending=True)
+            except Lost as lost:
+                raise self.watch.failure(lost) from lost.cause
+        self.watch.unblocked()
 
     # ---- receiving --------------------------------------------------------------------------
     def expect(self, src: int, messages: Iterable[tuple[int, str, int | None]]) -> None:
@@ -255,136 +174,15 @@ class Transport:
         other end). Such a message's receives are all posted as soon as the request is sent, so
         the peer's sends go out at once instead of waiting for a round trip.
         """
-        announced = [_Incoming(tag, what, answers) for tag, what, answers in messages]
-        chan = _Channel(deque(announced), deque(announced))
-        self._channels[src] = chan
-        self._awaiting.update({(src, m.answers): m for m in announced if m.answers is not None})
-        if self._gloo and announced:
-            chan.pump = threading.Thread(
-                target=self._pump, args=(src, chan), name=f"bigmac-recv-{src}", daemon=True
-            )
-            chan.pump.start()
-
-    def _pump(self, src: int, chan: _Channel) -> None:
-        """Thread body: every header phase of ``chan`` in order, each wait bounded by the timeout.
-
-        An error stops it and goes to the message it happened on, for :meth:`recv` to raise.
-        """
-        try:
-            while chan.unready:
-                self._advance_headers(src, chan, time.monotonic() + self.timeout)
-        except BaseException as err:
-            chan.unready[0].error = err
-            chan.unready[0].ready.set()
-
-    def _advance_headers(self, src: int, chan: _Channel, deadline: float | None) -> None:
-        """Run ``chan``'s header phases in order: without waiting (``deadline`` None) as far as
-        completed receives allow, else until the first unready message is ready."""
-        while chan.unready:
-            msg = chan.unready[0]
-            if not self._header_step(src, msg, deadline):
-                return
-            if msg.stage == "payload":
-                chan.unready.popleft()
-                msg.ready.set()
-                if deadline is not None:
-                    return
-
-    def _header_step(self, src: int, msg: _Incoming, deadline: float | None) -> bool:
-        """Move ``msg``'s header phase one stage on, waiting for its receive (or, for an answer,
-        its request) only when ``deadline`` is given; returns whether it moved."""
-        if msg.stage == "queued":
-            if msg.answers is not None:
-                if not self._request_sent(src, msg, deadline):
-                    return False
-                slots = answer_slots(msg.request)
-                msg.spec = pytree.tree_structure([None] * len(slots))
-                self._post_leaves(src, msg, [None if s is None else (s[0], False, s[1]) for s in slots], 0)
-                return True
-            spare = self._channels[src].spare  # envelopes already read: no allocation per message
-            msg.stage, msg.buf = "header", spare.pop() if spare else self._empty(self.envelope)
-            msg.works = [self._irecv(msg.buf, src, msg.tag, 0)]
-            return True
-        work = msg.works[0]
-        if deadline is None and not work.is_completed():
-            return False
-        self._wait(work, time.monotonic() + 1.0 if deadline is None else deadline, src, msg.what)
-        envelope, msg.buf, first = msg.buf, None, msg.stage == "header"
-        if first:
-            self._read_header(src, msg, envelope)
-            if msg.header[0] > self.envelope:
-                self._channels[src].spare.append(envelope)
-                msg.stage, msg.buf = "rest", self._empty(msg.header[0] - self.envelope)
-                msg.works = [self._irecv(msg.buf, src, msg.tag, 1)]
-                return True
-        else:
-            msg.header += envelope.tolist()
-        msg.spec, metas = decode_header(msg.header)
-        msg.works = []
-        if msg.header[4]:
-            self._unpack_inline(msg, metas, envelope)
-        else:
-            self._post_leaves(src, msg, metas, 2 if msg.stage == "rest" else 1)
-        if first:
-            self._channels[src].spare.append(envelope)
-        return True
-
-    def _empty(self, words: int) -> torch.Tensor:
-        return torch.empty(words, dtype=torch.int64, device=self.device)
-
-    def _request_sent(self, src: int, msg: _Incoming, deadline: float | None) -> bool:
-        """Whether this rank has sent the request ``msg`` answers, waiting for it until ``deadline``."""
-        if deadline is None or msg.request_sent.is_set():
-            return msg.request_sent.is_set()
-        if not msg.request_sent.wait(max(deadline - time.monotonic(), 0.0)):
-            raise RuntimeError(
-                f"rank {self.groups.rank}: the message {msg.what} answers was not sent to "
-                f"{self._describe(src)} within {self.timeout:g}s"
-            )
-        return True
-
-    def _read_header(self, src: int, msg: _Incoming, envelope: torch.Tensor) -> None:
-        msg.header = envelope[: min(int(envelope[0]), self.envelope)].tolist()
-        if msg.header[1] != msg.tag:
-            raise RuntimeError(
-                f"rank {self.groups.rank}: expected message {msg.tag} ({msg.what}) from "
-                f"{self._describe(src)} but got {msg.header[1]}: sender and receiver disagree on "
-                "the message order"
-            )
-
-    def _unpack_inline(self, msg: _Incoming, metas: list[Meta], envelope: torch.Tensor) -> None:
-        """Copy the leaves ``metas`` describe out of ``envelope`` and end the header phase."""
-        raw, pos = envelope.view(torch.uint8), msg.header[0] * 8
-        msg.stage, msg.metas, msg.leaves = "payload", metas, []
-        for meta in metas:
-            leaf = None if meta is None else torch.empty(meta[2], dtype=meta[0], device=self.device)
-            if leaf is not None:
-                n = leaf.numel() * leaf.element_size()
-                leaf.view(-1).view(torch.uint8).copy_(raw[pos : pos + n])
-                pos += leaf_words(leaf) * 8
-            msg.leaves.append(leaf)
-
-    def _post_leaves(self, src: int, msg: _Incoming, metas: list[Meta], part: int) -> None:
-        """Allocate the leaves ``metas`` describe, post a receive for each non-empty one (sub-messages
-        from ``part`` on) and end the header phase."""
-        msg.stage, msg.metas, msg.leaves = "payload", metas, []
-        for meta in metas:
-            leaf = None if meta is None else torch.empty(meta[2], dtype=meta[0], device=self.device)
-            if leaf is not None and leaf.numel() > 0:
-                msg.works.append(self._irecv(leaf, src, msg.tag, part))
-                part += 1
-            msg.leaves.append(leaf)
-
-    def _irecv(self, buf: torch.Tensor, src: int, tag: int, part: int) -> dist.Work:
-        group = self.groups.channels[(src, self.groups.pipeline_rank)]
-        return dist.irecv(buf, src=self._peer(src), group=group, tag=self._sub_tag(tag, part))
+        self.receiver.expect(src, messages)
 
     def poll(self) -> None:
         """Progress the header phases the compute thread runs as far as possible without blocking
         (call between ops)."""
-        for src, chan in self._channels.items():
-            if chan.pump is None:
-                self._advance_headers(src, chan, None)
+        try:
+            self.receiver.poll()
+        except Lost as lost:
+            raise self.watch.failure(lost) from lost.cause
         self._prune()
 
     def recv(self, src: int, tag: int, *, what: str) -> Any:
@@ -394,70 +192,28 @@ class Transport:
         yet. Float leaves the sender had with ``requires_grad`` come back as fresh leaves
         requiring grad.
         """
-        deadline = time.monotonic() + self.timeout
-        chan = self._channels.get(src)
-        while chan is None or tag not in chan.done:
-            if chan is None or not chan.messages:
-                raise RuntimeError(
-                    f"rank {self.groups.rank}: {what} waits for message {tag} from {self._describe(src)} "
-                    "that was never announced with expect()"
-                )
-            self._take(src, chan, deadline, what)
-        return chan.done.pop(tag)
-
-    def _take(self, src: int, chan: _Channel, deadline: float, needed: str) -> None:
-        """Receive ``chan``'s oldest message completely, into ``chan.done``."""
-        msg = chan.messages[0]
-        what = msg.what if msg.what == needed else f"{msg.what} (read before {needed})"
-        if chan.pump is None:
-            while not msg.ready.is_set():
-                self._advance_headers(src, chan, deadline)
-        elif not msg.ready.wait(max(deadline - time.monotonic(), 0.0)):
-            raise self._timed_out(src, what, sending=False)
-        if msg.error is not None:
-            raise msg.error
-        for work in msg.works:
-            self._wait(work, deadline, src, what)
-        for leaf, meta in zip(msg.leaves, msg.metas, strict=True):
-            if leaf is not None and meta[1]:
-                leaf.requires_grad_(True)
-        chan.messages.popleft()
-        chan.received[msg.tag] = msg.metas
-        chan.done[msg.tag] = pytree.tree_unflatten(msg.leaves, msg.spec)
+        self.watch.blocked((self.link.peer(src),), what)
+        try:
+            return self.receiver.recv(src, tag, what)
+        except Lost as lost:
+            raise self.watch.failure(lost) from lost.cause
+        finally:
+            self.watch.unblocked()
 
     def idle(self) -> bool:
         """Whether every announced message was received and handed out."""
-        return not any(chan.messages or chan.done for chan in self._channels.values())
+        return self.receiver.idle()
 
-    # ---- waiting ----------------------------------------------------------------------------
-    def _wait(self, work: dist.Work, deadline: float, peer: int, what: str, sending: bool = False) -> None:
-        """Wait for ``work`` until ``deadline``; turn a timeout or a broken connection into PeerError.
+    def abandon(self) -> None:
+        """After a failure: close every connection of this rank, so that its peers fail at once
+        instead of at their timeout, and end the receiving threads.
 
-        Gloo's ``Work.wait(timeout)`` honours the timeout. NCCL's ``wait`` only orders streams, so
-        for it the host polls ``is_completed`` against the deadline.
+        A receiving thread that returns from a gloo wait while the interpreter finalises is
+        unwound through C++ code that must not be, and aborts the process ("terminate called
+        without an active exception"); a failed rank must exit with its error instead.
         """
-        remaining = deadline - time.monotonic()
-        try:
-            if not self._gloo:
-                while not work.is_completed():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError
-                    time.sleep(1e-4)
-            work.wait(datetime.timedelta(seconds=max(remaining, 1e-3)))
-        except Exception as err:
-            text = str(err)
-            if isinstance(err, TimeoutError) or "Timed out" in text or "timed out" in text:
-                raise self._timed_out(peer, what, sending) from None
-            doing = "sending" if sending else "waiting for"
-            raise PeerError(
-                f"rank {self.groups.rank}: lost {self._describe(peer)} while {doing} {what}: "
-                f"{text.splitlines()[0]}"
-            ) from err
-
-    def _timed_out(self, peer: int, what: str, sending: bool) -> PeerError:
-        who = self._describe(peer)
-        problem = f"{who} did not take" if sending else f"no message from {who} for"
-        return PeerError(f"rank {self.groups.rank}: {problem} {what} within {self.timeout:g}s (peer lost?)")
+        sever_all(self.link.groups)
+        self.receiver.stop(self.watch.timeout)
 
     # ---- set-up --------------------------------------------------------------------------
     def connect(self) -> None:
@@ -467,9 +223,10 @@ class Transport:
         for all channels here, in an order every rank agrees on, keeps it out of the step where
         it could wait on a peer that is itself waiting. It also proves every link works.
         """
-        me = self.groups.pipeline_rank
-        for src in range(self.groups.pp):
-            for dst in range(self.groups.pp):
+        groups = self.link.groups
+        me = groups.pipeline_rank
+        for src in range(groups.pp):
+            for dst in range(groups.pp):
                 if me in (src, dst) and src != dst:
                     if me == src:
                         self.send(None, dst, 0, what="connect")

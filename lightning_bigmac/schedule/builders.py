@@ -11,6 +11,7 @@ from .nested import build_nested
 from .orders import gpipe_order, one_f_one_b_order
 from .plan import EB, EF, B, F, G, Op, Plan
 from .validate import validate
+from .zero_bubble import build_zero_bubble
 
 __all__ = ["build_plan"]
 
@@ -79,10 +80,11 @@ def build_plan(
     cfg = schedule if isinstance(schedule, ScheduleConfig) else ScheduleConfig(schedule=schedule, **fields)
     costs = costs or OpCosts()
     costs.check_length(cfg.microbatches)
-    nested = cfg.schedule in ("ideal", "bigmac")
     if cfg.forward_only:
-        plan = _nested_forward_only(cfg) if nested else _embedded(cfg)
+        plan = _nested_forward_only(cfg) if cfg.nested else _embedded(cfg)
+    elif cfg.schedule == "bigmac_zb":
+        plan = build_zero_bubble(cfg, costs)
     else:
-        plan = build_nested(cfg, costs) if nested else _embedded(cfg)
+        plan = build_nested(cfg, costs) if cfg.nested else _embedded(cfg)
     validate(plan)
     return plan

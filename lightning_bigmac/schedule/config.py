@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from .dataflow import check_owner_map
 
 __all__ = ["SCHEDULES", "ScheduleConfig"]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "megatron", "ideal", "bigmac")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "megatron", "ideal", "bigmac", "bigmac_zb")
 """Builder names. ``gpipe``/``1f1b``/``interleaved`` fix the LLM order and, like ``megatron``,
 run the encoder inside stage 0 and the generator inside the last stage; ``megatron`` picks 1F1B
-for ``vpp == 1`` and interleaved 1F1B otherwise; ``ideal`` and ``bigmac`` run encoder and
-generator data-parallel over the pipeline ranks."""
+for ``vpp == 1`` and interleaved 1F1B otherwise; ``ideal``, ``bigmac`` and ``bigmac_zb`` run
+encoder and generator data-parallel over the pipeline ranks; ``bigmac_zb`` also splits every
+backward into input- and weight-gradient ops and fills the pipeline's bubbles with the latter."""
 
-_GROUPED = {"interleaved", "ideal", "bigmac"}
-_NESTED = {"ideal", "bigmac"}
+_GROUPED = {"interleaved", "ideal", "bigmac", "bigmac_zb"}
+_NESTED = {"ideal", "bigmac", "bigmac_zb"}
+_KNOB_SCHEDULES = {
+    "encoder_warmup": ("ideal", "bigmac"),
+    "llm_warmup": ("ideal", "bigmac"),
+    "held_columns": ("bigmac_zb",),
+    "weight_deferral": ("bigmac_zb",),
+}
+_KNOB_DEFAULTS = {"encoder_warmup": None, "llm_warmup": "auto", "held_columns": None, "weight_deferral": None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,12 +53,20 @@ class ScheduleConfig:
     bigmac the smallest extension, equal on every rank, that is deadlock-free and keeps the step
     within 2% of ideal, plus one on the first ranks where the cost model's transfer latency
     makes that 0.5% faster; an int for every rank, or one int per rank."""
+    held_columns: int | None = None
+    """bigmac_zb: encoder microbatches a rank may hold from ``EF`` to its deferred ``EB`` (and
+    generator microbatches from ``GI`` to ``GW``); None: the smallest value up to bigmac's W whose
+    step stays within 0.5% of W's (docs/schedules.md), the same at every M."""
+    weight_deferral: int | None = None
+    """bigmac_zb: LLM units a rank may hold beyond Megatron's 1F1B peak so that its weight-gradient
+    ops can wait for a bubble; None: the smallest value in 0..pp whose step stays within 0.5% of
+    pp's, the same at every M."""
     forward_only: bool = False
     """An evaluation step: forwards and generator losses only. Each rank runs its forwards chunk
     by chunk (nothing is kept for a backward, so there is nothing to interleave); the knobs above
     do not apply and are ignored."""
     owners: Sequence[int] | None = None
-    """ideal/bigmac: rank running microbatch j's encoder and generator work; a permutation of
+    """ideal/bigmac/bigmac_zb: rank running microbatch j's encoder and generator work; a permutation of
     0..pp-1 within each group of pp microbatches. None: j mod pp."""
 
     def __post_init__(self) -> None:
@@ -59,6 +75,11 @@ class ScheduleConfig:
     @property
     def groups(self) -> int:
         return self.microbatches // self.pp
+
+    @property
+    def nested(self) -> bool:
+        """Whether encoder and generator run data-parallel on their owners (not inside stages)."""
+        return self.schedule in _NESTED
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the field, the value and the fix for a config no builder accepts."""
@@ -79,13 +100,21 @@ class ScheduleConfig:
                 f"{self.schedule!r} (vpp={self.vpp}) runs microbatches in groups of pp; "
                 f"use {lo} or {lo + self.pp}"
             )
-        if self.schedule not in _NESTED:
-            for name, default in (("owners", None), ("encoder_warmup", None), ("llm_warmup", "auto")):
-                if getattr(self, name) != default:
-                    raise ValueError(
-                        f"{name} applies to the 'ideal' and 'bigmac' schedules, not {self.schedule!r}, "
-                        "which runs the encoder inside stage 0 and the generator inside the last stage"
-                    )
+        for name, default in (("owners", None), *_KNOB_DEFAULTS.items()):
+            allowed = _KNOB_SCHEDULES.get(name, _NESTED)
+            if getattr(self, name) != default and self.schedule not in allowed:
+                why = (
+                    ", which runs the encoder inside stage 0 and the generator inside the last stage"
+                    if self.schedule not in _NESTED
+                    else ": its knobs are held_columns and weight_deferral"
+                    if self.schedule == "bigmac_zb"
+                    else ": leave it unset"
+                )
+                raise ValueError(f"{name} applies to {_names(allowed)}, not {self.schedule!r}{why}")
+        for name, least in (("held_columns", 1), ("weight_deferral", 0)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name}={value} must be >= {least} (or None: chosen automatically)")
         if self.owners is not None:
             check_owner_map(self.owners, self.microbatches, self.pp)
         if self.encoder_warmup is not None and not 1 <= self.encoder_warmup <= self.groups:
@@ -104,3 +133,11 @@ class ScheduleConfig:
                 raise ValueError(f"llm_warmup={w} must be >= 0")
         elif len(w) != self.pp or any(int(x) < 0 for x in w):
             raise ValueError(f"llm_warmup={list(w)} must give one extension >= 0 per rank ({self.pp} ranks)")
+
+
+def _names(schedules: Collection[str]) -> str:
+    """``the 'ideal' and 'bigmac' schedules``: the wording of a knob's error."""
+    quoted = [f"'{s}'" for s in sorted(schedules, key=SCHEDULES.index)]
+    if len(quoted) == 1:
+        return f"the {quoted[0]} schedule"
+    return "the " + ", ".join(quoted[:-1]) + f" and {quoted[-1]} schedules"

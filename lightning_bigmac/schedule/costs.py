@@ -7,6 +7,10 @@ Three sources, one type:
   image count and LLM work the packed sequence length;
 * a profile written by the runtime (``bigmac-profile/1``): measured durations of every op of a
   real step, used verbatim for the ops it covers and averaged per kind for the rest.
+
+A split backward's ops (``I``/``W``, ``GI``/``GW``) take their share of the whole op's duration
+(``llm_weight_share``, ``generator_weight_share``); a profile of a split step measures both
+parts, and :meth:`OpCosts.from_profile` turns their means into the whole and the share.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .plan import EB, EF, MODULE_OF_KIND, B, F, G, Op
+from .plan import EB, EF, GI, GW, LLM_KINDS, MODULE_OF_KIND, B, F, G, I, Op, W
 
 __all__ = ["PROFILE_FORMAT", "OpCosts", "PerMicrobatch"]
 
@@ -36,6 +40,12 @@ KIND_FIELD = {
     G: "generator",
 }
 _BYTES_FIELD = {"encoder": "encoder_bytes", "llm": "llm_bytes", "generator": "generator_bytes"}
+# The parts of a split backward: (input-gradient kind, weight-gradient kind) -> (whole, share field).
+_SPLIT_FIELDS = {
+    (I, W): ("llm_backward", "llm_weight_share"),
+    (GI, GW): ("generator", "generator_weight_share"),
+}
+_PART = {kind: (pair, pair.index(kind)) for pair in _SPLIT_FIELDS for kind in pair}
 
 
 def _at(value: PerMicrobatch | None, j: int) -> float | None:
@@ -58,6 +68,10 @@ class OpCosts:
     """Backward of one LLM chunk for one microbatch."""
     generator: PerMicrobatch = 3.0
     """Generator forward + loss + backward of one microbatch, back to back."""
+    llm_weight_share: PerMicrobatch = 0.5
+    """Part of ``llm_backward`` that computes weight gradients (``W``); the rest is ``I``."""
+    generator_weight_share: PerMicrobatch = 1 / 3
+    """Part of ``generator`` that computes weight gradients (``GW``: 1 of forward 1 + backward 2)."""
     latency: float = 0.0
     """Time from the end of an op to the start of its consumer on another rank (the transfer)."""
     encoder_bytes: PerMicrobatch | None = None
@@ -71,10 +85,15 @@ class OpCosts:
 
     def duration(self, rank: int, op: Op) -> float:
         """How long ``op`` takes on ``rank``."""
-        key = f"{rank}:{op}" if op.kind in (F, B) else str(op)
+        key = f"{rank}:{op}" if op.kind in LLM_KINDS else str(op)
         got = self.measured.get(key)
         if got is not None:
             return got
+        if op.kind in _PART:
+            pair, weight = _PART[op.kind]
+            whole, share_field = _SPLIT_FIELDS[pair]
+            share = _at(getattr(self, share_field), op.microbatch)
+            return _at(getattr(self, whole), op.microbatch) * (share if weight else 1.0 - share)
         return _at(getattr(self, KIND_FIELD[op.kind]), op.microbatch)
 
     def activation_bytes(self, op: Op) -> float | None:
@@ -122,7 +141,8 @@ class OpCosts:
     def from_profile(cls, data: Mapping[str, Any]) -> OpCosts:
         """Costs from a runtime profile: every op's measured duration, per-kind means as fallback.
 
-        The transfer latency is the profile's own ``latency`` entry (0 when it has none).
+        The transfer latency is the profile's own ``latency`` entry (0 when it has none). A split
+        step's part means give the whole op (their sum) and the weight share.
         """
         if data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"not a {PROFILE_FORMAT} file (format={data.get('format')!r})")
@@ -131,9 +151,14 @@ class OpCosts:
         for ev in data["events"]:
             op = Op.parse(ev["op"])
             d = float(ev["end"]) - float(ev["start"])
-            measured[f"{ev['rank']}:{op}" if op.kind in (F, B) else str(op)] = d
+            measured[f"{ev['rank']}:{op}" if op.kind in LLM_KINDS else str(op)] = d
             per_kind.setdefault(op.kind, []).append(d)
-        means = {KIND_FIELD[k]: statistics.fmean(v) for k, v in per_kind.items()}
+        mean = {k: statistics.fmean(v) for k, v in per_kind.items()}
+        means = {KIND_FIELD[k]: v for k, v in mean.items() if k in KIND_FIELD}
+        for (inputs, weights), (whole, share) in _SPLIT_FIELDS.items():
+            if inputs in mean and weights in mean and mean[inputs] + mean[weights] > 0:
+                means[whole] = mean[inputs] + mean[weights]
+                means[share] = mean[weights] / means[whole]
         return cls(**means, latency=float(data.get("latency", 0.0)), measured=measured)
 
     @classmethod

@@ -11,6 +11,9 @@ computes the text loss. Per microbatch ``j`` the chain is::
     EF.j -> F(stage 0) -> ... -> F(last) -> G.j -> B(last) -> ... -> B(stage 0) -> EB.j
 
 plus ``F(s).j -> B(s).j`` on every stage (saved activations) and ``EF.j -> EB.j`` on the owner.
+A split backward (``I``/``W``, ``GI``/``GW``) runs the same chain with ``GI`` for ``G`` and ``I``
+for ``B``; each weight-gradient op reads only what its own rank kept: ``I(s).j -> W(s).j`` and
+``GI.j -> GW.j``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from .plan import EB, EF, G, Op, Plan, step_ops
+from .plan import EB, EF, GI, GW, G, Op, Plan, step_ops
 from .plan import B as B_
 from .plan import F as F_
+from .plan import I as I_
+from .plan import W as W_
 
 __all__ = ["DataFlow", "PlacedOp", "stage_of"]
 
@@ -49,6 +54,7 @@ class DataFlow:
     encoder_owner: tuple[int, ...]
     generator_owner: tuple[int, ...]
     forward_only: bool = False
+    split_backward: bool = False
 
     @classmethod
     def of_plan(cls, plan: Plan) -> DataFlow:
@@ -59,7 +65,7 @@ class DataFlow:
 
         return cls(
             plan.pp, plan.vpp, plan.microbatches, plan.encoder, plan.generator,
-            owners("encoder"), owners("generator"), plan.forward_only,
+            owners("encoder"), owners("generator"), plan.forward_only, plan.split_backward,
         )  # fmt: skip
 
     @property
@@ -72,23 +78,28 @@ class DataFlow:
     def producers(self, rank: int, op: Op) -> tuple[PlacedOp, ...]:
         """The placed ops whose results ``op`` on ``rank`` consumes."""
         kind, j = op.kind, op.microbatch
+        back, gen = (I_, GI) if self.split_backward else (B_, G)
         if kind == F_:
             s = stage_of(rank, op.chunk, self.pp)
             if s > 0:
                 return (self._llm(F_, s - 1, j),)
             return ((self.encoder_owner[j], Op(EF, j)),) if self.encoder else ()
-        if kind == B_:
+        if kind in (B_, I_):
             s = stage_of(rank, op.chunk, self.pp)
             own = (rank, Op(F_, j, op.chunk))
             if s < self.num_stages - 1:
-                return (self._llm(B_, s + 1, j), own)
+                return (self._llm(back, s + 1, j), own)
             if self.generator:
-                return ((self.generator_owner[j], Op(G, j)), own)
+                return ((self.generator_owner[j], Op(gen, j)), own)
             return (own,)
-        if kind == G:
+        if kind == W_:
+            return ((rank, Op(I_, j, op.chunk)),)
+        if kind in (G, GI):
             return (self._llm(F_, self.num_stages - 1, j),)
+        if kind == GW:
+            return ((self.generator_owner[j], Op(GI, j)),)
         if kind == EB:
-            return (self._llm(B_, 0, j), (self.encoder_owner[j], Op(EF, j)))
+            return (self._llm(back, 0, j), (self.encoder_owner[j], Op(EF, j)))
         return ()  # EF reads only the data loader
 
     @cached_property
@@ -105,8 +116,12 @@ class DataFlow:
 
     def all_ops(self) -> list[PlacedOp]:
         """Every placed op a complete step must contain, each exactly once."""
-        owner = {EF: self.encoder_owner, EB: self.encoder_owner, G: self.generator_owner}
-        ops = step_ops(self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only)
+        enc, gen = self.encoder_owner, self.generator_owner
+        owner = {EF: enc, EB: enc, G: gen, GI: gen, GW: gen}
+        ops = step_ops(
+            self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only,
+            self.split_backward,
+        )  # fmt: skip
         return [(owner[op.kind][op.microbatch] if r < 0 else r, op) for r, op in ops]
 
 

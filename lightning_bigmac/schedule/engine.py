@@ -7,8 +7,8 @@ producer ran on another rank. Sends never block the sender, as in the runtime.
 Builders of nested schedules also pass a *column policy*: when an op finishes, the policy may
 release column ops (encoder or generator work for a whole group). A released op is queued on
 its rank and runs at that rank's first op boundary at or after the release time, before the
-rank's next listed op (columns run "immediately": docs/schedules.md, "The nested schedule"). The order in which ops
-actually ran is the plan the builder returns.
+rank's next listed op (columns run "immediately": docs/schedules.md, "The nested schedule").
+The order in which ops actually ran is the plan the builder returns.
 """
 
 from __future__ import annotations

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from .plan import B, F, Op
 
-__all__ = ["gpipe_order", "megatron_warmup", "one_f_one_b_order"]
+__all__ = ["gpipe_order", "llm_sequence", "megatron_warmup", "one_f_one_b_order"]
 
 
-def _sequence(kind: str, pp: int, vpp: int, microbatches: int) -> list[Op]:
+def llm_sequence(kind: str, pp: int, vpp: int, microbatches: int) -> list[Op]:
+    """One rank's forwards (``kind`` F) or backwards (B, or I of a split backward) in Megatron's
+    order: chunk by chunk in groups of ``pp`` microbatches; backwards take the chunks in reverse."""
     if vpp == 1:
         return [Op(kind, j, 0) for j in range(microbatches)]
     ops = []
     for k in range(microbatches * vpp):
         chunk = (k // pp) % vpp
-        if kind == B:
+        if kind != F:
             chunk = vpp - 1 - chunk
         ops.append(Op(kind, (k // (pp * vpp)) * pp + k % pp, chunk))
     return ops
@@ -40,8 +42,8 @@ def megatron_warmup(rank: int, pp: int, vpp: int, microbatches: int) -> int:
 
 def one_f_one_b_order(rank: int, pp: int, vpp: int, microbatches: int, extra_warmup: int = 0) -> list[Op]:
     """1F1B (``vpp == 1``) or interleaved 1F1B order of one rank, warm-up lengthened by ``extra_warmup``."""
-    fwd = _sequence(F, pp, vpp, microbatches)
-    bwd = _sequence(B, pp, vpp, microbatches)
+    fwd = llm_sequence(F, pp, vpp, microbatches)
+    bwd = llm_sequence(B, pp, vpp, microbatches)
     warmup = min(megatron_warmup(rank, pp, vpp, microbatches) + extra_warmup, len(fwd))
     order = fwd[:warmup]
     for i, f in enumerate(fwd[warmup:]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .plan import EB, EF, MODULES, B, F, G
+from .plan import EB, EF, GI, GW, MODULES, B, F, G, I, W
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -20,10 +20,13 @@ if TYPE_CHECKING:
 __all__ = ["draw_gantt", "draw_memory", "figure", "op_color", "save"]
 
 # The paper's palette: encoder yellow/orange, LLM forwards blue and backwards green (darker for
-# later chunks), generator red.
-_FIXED = {EF: "#fff2a8", EB: "#f5a623", G: "#e0606e"}
+# later chunks), generator red. A split backward keeps green for the input gradients (I) and draws
+# the deferred weight gradients (W) grey-violet, the generator's (GW) pink, so the bubbles they
+# fill stand out.
+_FIXED = {EF: "#fff2a8", EB: "#f5a623", G: "#e0606e", GI: "#e0606e", GW: "#f4b6c2"}
 _BLUES = ["#8cc8f5", "#1f5fbf", "#5aa0e6", "#0b3a80"]
 _GREENS = ["#9ddc9a", "#1e7a2a", "#5cb85c", "#0c4f17"]
+_VIOLETS = ["#cfc4e6", "#6a5a9e", "#a596d0", "#463a70"]
 _PANEL_OPS = 90  # ops per rank beyond which the chart shows the start and the end of the step
 
 
@@ -31,8 +34,10 @@ def op_color(kind: str, chunk: int) -> str:
     """Colour of an op: one per kind, and one per chunk for LLM ops."""
     if kind == F:
         return _BLUES[chunk % len(_BLUES)]
-    if kind == B:
+    if kind in (B, I):
         return _GREENS[chunk % len(_GREENS)]
+    if kind == W:
+        return _VIOLETS[chunk % len(_VIOLETS)]
     return _FIXED[kind]
 
 
@@ -86,7 +91,7 @@ def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> P
                     lw=0.3,
                 )
                 if (iv.end - iv.start) * width_per_unit >= 9:
-                    dark = color in (_BLUES[1], _BLUES[3], _GREENS[1], _GREENS[3])
+                    dark = color in (_BLUES[1], _BLUES[3], _GREENS[1], _GREENS[3], _VIOLETS[1], _VIOLETS[3])
                     ax.text(
                         (iv.start + iv.end) / 2, iv.rank, str(iv.op.microbatch), ha="center", va="center",
                         fontsize=6.5, color="white" if dark else "black", clip_on=True,
@@ -100,12 +105,17 @@ def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> P
         EB: "Encoder backward",
         F: "LLM forward",
         B: "LLM backward",
+        I: "LLM input grads",
+        W: "LLM weight grads",
         G: "Generator fwd+bwd",
+        GI: "Generator fwd+input grads",
+        GW: "Generator weight grads",
     }
-    rank_of = {EF: (0, 0), EB: (0, 1), G: (1 << 20, 0)}
+    rank_of = {EF: (0, 0), EB: (0, 1), G: (1 << 20, 0), GI: (1 << 20, 0), GW: (1 << 20, 1)}
+    order = {F: 0, B: 1, I: 1, W: 2}
     present = sorted(
         {(op.kind, op.chunk) for ops in plan.ranks for op in ops},
-        key=lambda kc: rank_of.get(kc[0], (1 + kc[1], kc[0] == B)),
+        key=lambda kc: rank_of[kc[0]] if kc[0] in rank_of else (1 + kc[1], order[kc[0]]),
     )
     legend = [
         Patch(color=op_color(k, c), label=names[k] + (f" (chunk {c})" if c >= 0 else "")) for k, c in present

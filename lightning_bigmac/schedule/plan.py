@@ -12,6 +12,18 @@ op is the project's lingua franca (logs, JSON, error grids, profiler ranges):
 ``G.<j>``      generator forward, loss and backward of microbatch ``j``, back to back
 =============  ===========================================================================
 
+A plan may *split* its backward (zero-bubble pipelining, ``bigmac_zb``): then ``B`` and ``G``
+give way to an op that computes the gradients sent upstream and a later one that computes the
+weight gradients, which have no consumer and can wait for a bubble:
+
+=============  ===========================================================================
+``I<c>.<j>``   LLM backward of chunk ``c`` for microbatch ``j``: gradients of its inputs only
+``W<c>.<j>``   LLM backward of chunk ``c`` for microbatch ``j``: gradients of its weights
+``GI.<j>``     generator forward, loss and the gradient of its input (the last stage's ``I``
+               waits for it)
+``GW.<j>``     generator weight gradients of microbatch ``j``
+=============  ===========================================================================
+
 LLM ops name a chunk, not a stage: chunk ``c`` on rank ``r`` is stage ``c * pp + r``, so the
 same string appears once on every rank. Encoder and generator ops appear once per step, on
 their owner's list.
@@ -29,23 +41,34 @@ from typing import Any, NamedTuple
 __all__ = [
     "EB",
     "EF",
+    "GI",
+    "GW",
     "LLM_KINDS",
     "MODULES",
     "MODULE_OF_KIND",
+    "SPLIT_KINDS",
     "B",
     "F",
     "G",
+    "I",
     "Op",
     "Plan",
     "PlanFormatError",
+    "W",
 ]
 
 F, B, EF, EB, G = "F", "B", "EF", "EB", "G"
-LLM_KINDS = frozenset({F, B})
+I, W, GI, GW = "I", "W", "GI", "GW"  # noqa: E741 (the op kinds' one-letter names)
+LLM_KINDS = frozenset({F, B, I, W})
+SPLIT_KINDS = frozenset({I, W, GI, GW})
+"""The kinds of a plan whose backward is split (and only of such a plan)."""
 MODULES = ("encoder", "llm", "generator")
-MODULE_OF_KIND = {F: "llm", B: "llm", EF: "encoder", EB: "encoder", G: "generator"}
+MODULE_OF_KIND = {
+    F: "llm", B: "llm", I: "llm", W: "llm", EF: "encoder", EB: "encoder", G: "generator",
+    GI: "generator", GW: "generator",
+}  # fmt: skip
 
-_OP_RE = re.compile(r"^(?:(?P<llm>[FB])(?P<chunk>\d+)|(?P<mod>EF|EB|G))\.(?P<mb>\d+)$")
+_OP_RE = re.compile(r"^(?:(?P<llm>[FBIW])(?P<chunk>\d+)|(?P<mod>EF|EB|GI|GW|G))\.(?P<mb>\d+)$")
 
 FORMAT_VERSION = 1
 
@@ -59,7 +82,7 @@ class Op(NamedTuple):
 
     kind: str
     microbatch: int
-    chunk: int = -1  # only LLM ops (F, B) have a chunk
+    chunk: int = -1  # only LLM ops (F, B, I, W) have a chunk
 
     def __str__(self) -> str:
         if self.kind in LLM_KINDS:
@@ -77,7 +100,8 @@ class Op(NamedTuple):
         m = _OP_RE.match(text.strip())
         if m is None:
             raise PlanFormatError(
-                f"cannot read op {text!r}: expected F<chunk>.<mb>, B<chunk>.<mb>, EF.<mb>, EB.<mb> or G.<mb>"
+                f"cannot read op {text!r}: expected F<chunk>.<mb>, B<chunk>.<mb>, I<chunk>.<mb>, "
+                "W<chunk>.<mb>, EF.<mb>, EB.<mb>, G.<mb>, GI.<mb> or GW.<mb>"
             )
         if m["llm"]:
             return cls(m["llm"], int(m["mb"]), int(m["chunk"]))
@@ -85,17 +109,23 @@ class Op(NamedTuple):
 
 
 def step_ops(
-    pp: int, vpp: int, microbatches: int, encoder: bool, generator: bool, forward_only: bool = False
+    pp: int,
+    vpp: int,
+    microbatches: int,
+    encoder: bool,
+    generator: bool,
+    forward_only: bool = False,
+    split_backward: bool = False,
 ) -> list[tuple[int, Op]]:
     """Every op one step must contain, each once: LLM ops with their rank, encoder and generator ops
-    with rank -1 (they may run on any owner). A forward-only step has no ``B`` and no ``EB``."""
-    llm = (F,) if forward_only else (F, B)
+    with rank -1 (they may run on any owner). A forward-only step has no ``B`` and no ``EB``; a
+    split backward has ``I`` and ``W`` for ``B``, ``GI`` and ``GW`` for ``G``."""
+    llm = (F,) if forward_only else ((F, I, W) if split_backward else (F, B))
     module = ((EF,) if forward_only else (EF, EB)) if encoder else ()
+    module += ((GI, GW) if split_backward and not forward_only else (G,)) if generator else ()
     ops: list[tuple[int, Op]] = []
     for j in range(microbatches):
         ops += [(-1, Op(k, j)) for k in module]
-        if generator:
-            ops.append((-1, Op(G, j)))
         ops += [(r, Op(k, j, c)) for r in range(pp) for c in range(vpp) for k in llm]
     return ops
 
@@ -124,24 +154,31 @@ class Plan:
     knobs: Mapping[str, Any] = field(default_factory=dict)
     forward_only: bool = False
     """Evaluation step: forwards (and generator losses) only, no ``B``/``EB`` ops, nothing kept."""
+    split_backward: bool = False
+    """Zero-bubble step: ``I``/``W`` ops instead of ``B``, ``GI``/``GW`` instead of ``G``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(_ops(r) for r in self.ranks))
         if len(self.ranks) != self.pp:
             raise PlanFormatError(f"plan has {len(self.ranks)} rank lists but pp={self.pp}")
+        if self.forward_only and self.split_backward:
+            raise PlanFormatError("a forward-only plan has no backward to split: set split_backward=False")
 
     # ---- derived views -------------------------------------------------------------------
     def step_ops(self) -> list[tuple[int, Op]]:
         """Every op this step must contain (see :func:`step_ops`)."""
-        return step_ops(self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only)
+        return step_ops(
+            self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only,
+            self.split_backward,
+        )  # fmt: skip
 
     def owners(self, module: str) -> list[int | None]:
         """Rank that runs each microbatch's ``encoder`` or ``generator`` work (None if absent)."""
-        kind = {"encoder": EF, "generator": G}[module]
+        kinds = {"encoder": (EF,), "generator": (G, GI)}[module]
         owner: list[int | None] = [None] * self.microbatches
         for rank, ops in enumerate(self.ranks):
             for op in ops:
-                if op.kind == kind and 0 <= op.microbatch < self.microbatches:
+                if op.kind in kinds and 0 <= op.microbatch < self.microbatches:
                     owner[op.microbatch] = rank
         return owner
 
@@ -151,7 +188,7 @@ class Plan:
         for ops in self.ranks:
             n = 0
             for op in ops:
-                if op.kind == B:
+                if op.kind in (B, I):
                     break
                 n += op.kind == F
             counts.append(n)
@@ -184,6 +221,7 @@ class Plan:
 
     # ---- JSON exchange format ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        split = {"split_backward": True} if self.split_backward else {}  # absent: False
         return {
             "format": FORMAT_VERSION,
             "schedule": self.schedule,
@@ -194,12 +232,14 @@ class Plan:
             "generator": self.generator,
             "knobs": dict(self.knobs),
             "forward_only": self.forward_only,
+            **split,
             "ranks": [[str(o) for o in ops] for ops in self.ranks],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        """Read the exchange format; ``encoder``/``generator`` default to whether such ops appear."""
+        """Read the exchange format; ``encoder``/``generator``/``split_backward`` default to whether
+        such ops appear."""
         missing = [k for k in ("schedule", "pp", "vpp", "microbatches", "ranks") if k not in data]
         if missing:
             raise PlanFormatError(f"plan JSON lacks key(s) {missing}; see docs/plan-format.md")
@@ -212,9 +252,10 @@ class Plan:
             microbatches=int(data["microbatches"]),
             ranks=tuple(ranks),
             encoder=bool(data.get("encoder", bool(kinds & {EF, EB}))),
-            generator=bool(data.get("generator", G in kinds)),
+            generator=bool(data.get("generator", bool(kinds & {G, GI, GW}))),
             knobs=dict(data.get("knobs", {})),
             forward_only=bool(data.get("forward_only", False)),
+            split_backward=bool(data.get("split_backward", bool(kinds & SPLIT_KINDS))),
         )
 
     def to_json(self, **extra: Any) -> str:

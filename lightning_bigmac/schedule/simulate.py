@@ -3,7 +3,9 @@
 Live activations are counted per module per rank in *microbatch units*: an encoder or generator
 unit is one microbatch's activations of that module; an LLM unit is one microbatch's activations
 of one chunk (so Megatron's interleaved 1F1B peaks at warm-up + 1 units). An op allocates its
-module's unit when it starts (F, EF, G) and frees it when it ends (B, EB, G). Because ops on a
+module's unit when it starts (F, EF, G, GI) and frees it when it ends (B, EB, G, and in a split
+backward W and GW: the weight gradients need the activations, so the input-gradient ops I and
+GI free nothing). Because ops on a
 rank run one after another, the peaks depend only on each rank's op order, not on durations.
 A forward-only (evaluation) plan keeps nothing: its peaks are 0.
 """
@@ -16,13 +18,13 @@ from functools import cached_property
 from .costs import OpCosts
 from .dataflow import DataFlow
 from .engine import Interval, replay
-from .plan import EB, EF, LLM_KINDS, MODULES, B, F, G, Plan
+from .plan import EB, EF, GI, GW, LLM_KINDS, MODULES, B, F, G, Plan, W
 from .validate import validate
 
 __all__ = ["Simulation", "lower_bound", "simulate"]
 
-_ALLOCATES = {F, EF, G}
-_FREES = {B, EB, G}
+_ALLOCATES = {F, EF, G, GI}
+_FREES = {B, EB, G, W, GW}
 
 
 def lower_bound(plan: Plan, costs: OpCosts) -> float:

@@ -1,7 +1,8 @@
 """Prove a plan complete and deadlock-free before anything runs it.
 
 A plan is *complete* when every op of the step appears exactly once, on a legal rank, and the
-encoder work of a microbatch (forward and backward) stays on one rank. It is *deadlock-free*
+encoder work of a microbatch (forward and backward) stays on one rank, as does a split
+generator's (``GI`` and ``GW``). It is *deadlock-free*
 when the graph of program order on each rank plus the data dependencies of
 :mod:`~lightning_bigmac.schedule.dataflow` is acyclic: then any op durations give a valid
 execution, provided sends do not block the sender (the runtime's sends are asynchronous).
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from graphlib import CycleError, TopologicalSorter
 
 from .dataflow import DataFlow, PlacedOp
-from .plan import EB, EF, LLM_KINDS, B, Op, Plan
+from .plan import EB, EF, GI, GW, LLM_KINDS, SPLIT_KINDS, B, G, Op, Plan
 
 __all__ = ["PlanError", "render_grid", "validate"]
 
@@ -63,6 +64,10 @@ def _check_complete(plan: Plan) -> None:
                 problem = "the plan says generator=False"
             elif op.kind in (B, EB) and plan.forward_only:
                 problem = "the plan is forward-only"
+            elif op.kind in SPLIT_KINDS and not plan.split_backward:
+                problem = "the plan says split_backward=False: its backward ops are B and G"
+            elif op.kind in (B, G) and plan.split_backward:
+                problem = "the plan says split_backward=True: its backward ops are I and W, GI and GW"
             if problem:
                 raise PlanError(f"{op} on {where}: {problem}", plan, [(r, op)])
             key = (r, op) if op.kind in LLM_KINDS else (-1, op)
@@ -79,15 +84,18 @@ def _check_complete(plan: Plan) -> None:
         shown = ", ".join(f"{op}" + (f" on rank {r}" if r >= 0 else "") for r, op in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise PlanError(f"incomplete plan: missing {shown}{more}", plan)
-    for j in range(plan.microbatches if plan.encoder and not plan.forward_only else 0):
-        (ef, _), (eb, _) = seen[(-1, Op(EF, j))], seen[(-1, Op(EB, j))]
-        if ef != eb:
-            raise PlanError(
-                f"EB.{j} is on rank {eb} but EF.{j} on rank {ef}: a microbatch's encoder forward and "
-                "backward must run on the same rank (its owner)",
-                plan,
-                [(ef, Op(EF, j)), (eb, Op(EB, j))],
-            )
+    pairs = [(EF, EB)] if plan.encoder and not plan.forward_only else []
+    pairs += [(GI, GW)] if plan.generator and plan.split_backward else []
+    for first, then in pairs:
+        for j in range(plan.microbatches):
+            (r0, _), (r1, _) = seen[(-1, Op(first, j))], seen[(-1, Op(then, j))]
+            if r0 != r1:
+                raise PlanError(
+                    f"{then}.{j} is on rank {r1} but {first}.{j} on rank {r0}: it reads what {first}.{j} "
+                    "kept, so both must run on the same rank (the microbatch's owner)",
+                    plan,
+                    [(r0, Op(first, j)), (r1, Op(then, j))],
+                )
 
 
 def validate(plan: Plan) -> DataFlow:

@@ -21,6 +21,7 @@ Each case is a plain dict:
                 ``BigMacStrategy(costs="profile")``)
 ``match_by_order``  pair messages by posting order only, as NCCL does (see ``Transport``)
 ``forward_only``    an evaluation step (loss only, no gradients)
+``generator``       False: the step has no generator work (default: whether it has images)
 ==============  ==================================================================================
 
 :func:`case_microbatches` gives the data of one replica, so the parent can build the single-process
@@ -29,8 +30,6 @@ reference over all replicas.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -53,7 +52,7 @@ __all__ = [
     "case_config",
     "case_microbatches",
     "exchange_messages",
-    "fail_mid_step",
+    "group_timeouts",
     "layout_cases",
     "message_tree",
     "run_cases",
@@ -78,9 +77,10 @@ PROFILE_MODEL = {"dim": 384, "heads": 6, "layers": 4, "patches": 16, "patch_dim"
 def layout_cases(pp: int, dp: int, vpp: int) -> list[dict]:
     """The cases the runtime tests run on one layout, in one spawn.
 
-    Every schedule valid for ``vpp`` (gradient check), a text-only and an image-only step; P=4
-    adds bigmac and ideal paired by posting order (NCCL's rule); P=2 adds memory cases at
-    M = 4P and 16P and profiled steps of a bigger model.
+    Every schedule valid for ``vpp`` (gradient check), a text-only and an image-only step (of
+    bigmac and of bigmac_zb) and a bigmac_zb step without a generator; P=4 adds ideal, bigmac and
+    bigmac_zb paired by posting order (NCCL's rule); P=2 adds memory cases at M = 4P and 16P and
+    profiled steps of a bigger model.
     """
     valid = [s for s in SCHEDULES if not (s == "1f1b" and vpp > 1) and not (s == "interleaved" and vpp == 1)]
     m = 2 * pp
@@ -91,13 +91,17 @@ def layout_cases(pp: int, dp: int, vpp: int) -> list[dict]:
         {"schedule": "1f1b" if vpp == 1 else "interleaved", "microbatches": m, "data": "text", "seed": 9},
         {"schedule": "bigmac", "microbatches": m, "forward_only": True, "seed": 10},
         {"schedule": "megatron", "microbatches": m, "forward_only": True, "seed": 11},
+        {"schedule": "bigmac_zb", "microbatches": m, "data": "text", "seed": 12},
+        {"schedule": "bigmac_zb", "microbatches": m, "data": "image", "seed": 13},
+        {"schedule": "bigmac_zb", "microbatches": m, "generator": False, "seed": 14},
     ]
     if pp == 4:  # NCCL's matching rule (posting order, no tags) on the schedules that reorder most
-        cases += [{"schedule": s, "microbatches": 2 * m, "match_by_order": True} for s in ("ideal", "bigmac")]
+        reordering = ("ideal", "bigmac", "bigmac_zb")
+        cases += [{"schedule": s, "microbatches": 2 * m, "match_by_order": True} for s in reordering]
     if (pp, dp, vpp) == (2, 1, 1):
         cases += [
             {"schedule": s, "microbatches": m, "data": "equal", "measure": "memory"}
-            for s in ("bigmac", "ideal")
+            for s in ("bigmac", "ideal", "bigmac_zb")
             for m in (4 * pp, 16 * pp)
         ]
         cases += [
@@ -142,7 +146,7 @@ def build_case_plan(case: dict[str, Any], pp: int, vpp: int, costs: OpCosts | No
         vpp=vpp,
         microbatches=case["microbatches"],
         encoder=multimodal,
-        generator=multimodal,
+        generator=case.get("generator", multimodal),
         forward_only=case.get("forward_only", False),
         owners=case.get("owners"),
     )
@@ -232,37 +236,11 @@ def _profile(
     return {"plan": plans[-1].to_dict(), "records": records}
 
 
-def fail_mid_step(rank: int, victim: int, mode: str, timeout: float) -> None:
-    """One bigmac step on ``pp = 2`` where rank ``victim`` dies (``"kill"``: SIGKILL) or stops
-    answering (``"hang"``: sleeps ``timeout + 1`` s, then exits 0) at its third LLM block call.
-
-    Survivors raise; the time from the step's start to the error is added to it as a note.
-    """
-    groups = PipelineGroups.create(2, 1)
-    model = TinyMLLM(seed=0)
-    ex = PipelineExecutor(model.parts(), groups, timeout=timeout)
-    calls = 0
-
-    def strike(module: torch.nn.Module, args: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            if mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(timeout + 1)
-            os._exit(0)
-
-    if rank == victim:
-        for stage in ex.stages:
-            for block in stage.blocks:
-                block.register_forward_pre_hook(strike)
-    case = {"schedule": "bigmac", "microbatches": 4}
-    start = time.perf_counter()
-    try:
-        ex.step(build_case_plan(case, 2, 1), case_microbatches(case, 0))
-    except Exception as err:
-        err.add_note(f"elapsed {time.perf_counter() - start:.3f}s")
-        raise
+def group_timeouts(rank: int, pp: int, dp: int, timeout: float) -> list[float]:
+    """The timeout, in seconds, of every process group :class:`PipelineGroups` creates with ``timeout``."""
+    groups = PipelineGroups.create(pp, dp, timeout=timeout)
+    made = [groups.pipeline_group, groups.dp_group, *groups.channels.values()]
+    return [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in made]
 
 
 def message_tree() -> dict[str, Any]:

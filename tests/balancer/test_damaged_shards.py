@@ -14,6 +14,7 @@ wds = pytest.importorskip("webdataset")
 
 from balancer import BalancedStream, BalancerConfig, Sample, Skipped, SkippedSampleWarning  # noqa: E402
 from balancer.webdataset import webdataset_source  # noqa: E402
+from lightning_bigmac.testing.reliability import record  # noqa: E402
 
 SAMPLES = 8
 DAMAGED = "000003"
@@ -86,6 +87,12 @@ def test_a_damaged_header_inside_a_sample_loses_that_sample_only(tmp_path, how):
     assert samples == {k: v for k, v in written.items() if k != DAMAGED}  # the rest intact, after too
     assert [(s.reason, s.key) for s in skipped] == [("damaged_member", f"shard-0.tar/{DAMAGED}")]
     assert path in skipped[0].detail and "2 readable member(s)" in skipped[0].detail
+    record(
+        f"webdataset shard, tar header inside a sample damaged ({how})",
+        "reading resynchronises at the next valid header: that sample is skipped with a warning naming "
+        "the shard and counted in the adapter's state; every other sample arrives intact",
+        section="Bad data",
+    )
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -115,6 +122,12 @@ def test_damage_with_no_valid_header_after_it_breaks_the_rest_of_the_shard(tmp_p
         ("broken_shard", path),
     ]
     assert "no valid tar header" in skipped[1].detail
+    record(
+        "webdataset shard, garbage to its end",
+        "the damaged sample and the rest of the shard are counted as skipped (broken_shard), with a "
+        "warning; the samples before the damage arrive intact",
+        section="Bad data",
+    )
 
 
 def test_a_healthy_shard_reads_whole_and_ends_cleanly(tmp_path):

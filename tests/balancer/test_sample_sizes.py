@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from balancer import BalancedStream, BalancerConfig, CorruptSample, Sample, SkippedSampleWarning
+from lightning_bigmac.testing.reliability import record
 
 BAD = {
     "nan-tokens": ({"text_tokens": math.nan}, r"text_tokens=nan"),
@@ -47,6 +48,11 @@ def test_a_stream_skips_and_counts_a_sample_with_a_bad_size():
         steps = list(stream)
     assert steps[-1].state["counters"] == {"corrupt": 1}
     assert sorted(k for step in steps for mb in step.keys for k in mb) == sorted(f"s{i}" for i in range(8))
+    record(
+        "a sample whose image size is NaN",
+        "skipped with a warning naming its key, the field and the value; counted as corrupt",
+        section="Bad data",
+    )
 
 
 def test_decode_sample_names_a_non_finite_size_in_the_metadata():

@@ -1,5 +1,6 @@
 """The map-style batch sampler: data-parallel split, determinism, exact resume, bad input, HF datasets."""
 
+import dataclasses
 import json
 
 import pytest
@@ -142,3 +143,30 @@ def test_too_few_or_no_samples_are_clear_errors(config):
         BalancedBatchSampler(few, config, dp_rank=2, dp_size=2)
     with pytest.raises(ValueError, match="not a bigmac-balancer/1"):
         BalancedBatchSampler(few, config).load_state_dict({"epoch": 0})
+
+
+@pytest.mark.parametrize("layout", [{"dp_size": 2}, {"pipeline_size": 4, "microbatches": 8}])
+def test_resume_on_another_layout_trains_every_remaining_sample_once(mix, config, layout):
+    """A state saved with one replica of P=2, M=4 resumes with two replicas, or P=4 and M=8: the
+    steps it had already planned no longer fit, so they are planned again, and every sample of the
+    epoch is still trained exactly once."""
+    samples = mix(300)
+    saved = list(BalancedBatchSampler(samples, config, seed=5))
+    dp = layout.get("dp_size", 1)
+    other = dataclasses.replace(config, **{k: v for k, v in layout.items() if k != "dp_size"})
+    resumed_with_plans = 0
+    for k in range(1, len(saved)):
+        state = saved[k - 1].state
+        resumed_with_plans += bool(state["planned"])
+        runs = []
+        for rank in range(dp):
+            sampler = BalancedBatchSampler(samples, other, dp_rank=rank, dp_size=dp, seed=5)
+            sampler.load_state_dict(state)
+            runs.append(list(sampler))
+        for steps in runs:
+            for step in steps:
+                _check_step(step, samples, other)
+        before = [key for step in saved[:k] for mb in step.keys for key in mb]
+        after = [key for steps in runs for step in steps for mb in step.keys for key in mb]
+        assert sorted(before + after) == sorted(s.key for s in samples), k
+    assert resumed_with_plans  # some states held planned steps that had to be planned again

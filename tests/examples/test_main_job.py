@@ -34,7 +34,9 @@ def _parse(capsys: pytest.CaptureFixture, *configs: Path) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "megatron", "ideal", "bigmac"])
+@pytest.mark.parametrize(
+    "schedule", ["gpipe", "1f1b", "interleaved", "megatron", "ideal", "bigmac", "bigmac_zb"]
+)
 def test_schedule_configs_layer_over_the_cpu_config(schedule: str, capsys: pytest.CaptureFixture) -> None:
     cfg = _parse(capsys, CONFIGS / "mllm_cpu.yaml", CONFIGS / "schedules" / f"{schedule}.yaml")
     strategy = cfg["trainer"]["strategy"]["init_args"]

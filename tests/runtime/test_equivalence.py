@@ -1,9 +1,10 @@
 """Gradient equivalence: every schedule on every layout matches a single-process reference exactly.
 
 Tolerance: fp32, max |diff| <= 1e-5 x max |reference grad| per parameter, loss to 1e-5 relative.
-Besides the six schedules each layout runs a text-only step (no encoder, no generator), an
-image-only step (no text targets) and two forward-only (evaluation) steps; P=4 also runs bigmac
-and ideal with messages paired by posting order alone (NCCL's rule) instead of by tag.
+Besides the seven schedules each layout runs text-only steps (no encoder, no generator),
+image-only steps (no text targets), a bigmac_zb step without a generator and two forward-only
+(evaluation) steps; P=4 also runs ideal, bigmac and bigmac_zb with messages paired by posting
+order alone (NCCL's rule) instead of by tag.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _reference(case: dict, dp: int) -> tuple[float, dict[str, torch.Tensor]]:
     model = TinyMLLM(case_config(case), seed=0)
     mbs = [mb for d in range(dp) for mb in case_microbatches(case, d)]
     multimodal = case.get("data", "mixed") != "text"
-    loss = model.reference_loss(mbs, encoder=multimodal, generator=multimodal)
+    loss = model.reference_loss(mbs, encoder=multimodal, generator=case.get("generator", multimodal))
     loss.backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
     return float(loss.detach()), grads

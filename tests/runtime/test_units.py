@@ -9,13 +9,8 @@ from torch.utils import _pytree as pytree
 
 from lightning_bigmac.runtime import PipelineParts
 from lightning_bigmac.runtime.grad_sync import buckets
-from lightning_bigmac.runtime.transfer import (
-    HEADER_SLOTS,
-    _answer_payload,
-    _answer_slots,
-    _decode_header,
-    _encode_header,
-)
+from lightning_bigmac.runtime.transfer import HEADER_SLOTS
+from lightning_bigmac.runtime.wire import answer_payload, answer_slots, decode_header, encode_header
 
 
 def test_header_round_trips_structure_shapes_dtypes_and_grad_flags() -> None:
@@ -25,9 +20,9 @@ def test_header_round_trips_structure_shapes_dtypes_and_grad_flags() -> None:
         "scalar": torch.tensor(1.0),
     }
     leaves, spec = pytree.tree_flatten(tree)
-    header = _encode_header(77, spec, leaves)
+    header = encode_header(77, spec, leaves)
     assert header[0] == len(header) and header[1] == 77
-    got_spec, metas = _decode_header(header)
+    got_spec, metas = decode_header(header)
     assert got_spec == spec
     for leaf, meta in zip(leaves, metas, strict=True):
         if leaf is None:
@@ -38,10 +33,10 @@ def test_header_round_trips_structure_shapes_dtypes_and_grad_flags() -> None:
 
 def test_long_headers_are_allowed_and_bad_leaves_rejected() -> None:
     leaves, spec = pytree.tree_flatten({f"key_{i}": torch.zeros(i % 3 + 1) for i in range(100)})
-    assert len(_encode_header(1, spec, leaves)) > HEADER_SLOTS  # continues in a second message
+    assert len(encode_header(1, spec, leaves)) > HEADER_SLOTS  # continues in a second message
     leaves, spec = pytree.tree_flatten([torch.zeros(1), 3])
     with pytest.raises(TypeError, match="only tensors and None"):
-        _encode_header(1, spec, leaves)
+        encode_header(1, spec, leaves)
 
 
 def test_parts_reject_shared_parameters_and_missing_counters() -> None:
@@ -85,15 +80,15 @@ def test_rank_layout_keeps_pipelines_contiguous() -> None:
 
 def test_answers_follow_their_request_and_stand_in_for_unused_inputs() -> None:
     request = [(torch.float32, True, [3, 4]), None, (torch.int64, False, [2]), (torch.bfloat16, True, [0])]
-    slots = _answer_slots(request)
+    slots = answer_slots(request)
     assert slots == [(torch.float32, [3, 4]), None, None, (torch.bfloat16, [0])]
     grad = torch.ones(3, 4)
     leaves, spec = pytree.tree_flatten([grad, None, None, torch.zeros(0, dtype=torch.bfloat16)])
-    assert _answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")[0].equal(grad)
+    assert answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")[0].equal(grad)
     leaves, spec = pytree.tree_flatten([None, None, None, None])  # an input its stage did not use
-    (placeholder,) = _answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")
+    (placeholder,) = answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")
     assert placeholder.shape == (3, 4) and not placeholder.any()
     for bad in ([grad.double(), None, None, None], [grad, grad, None, None], (grad, None, None, None)):
         leaves, spec = pytree.tree_flatten(bad)
         with pytest.raises(ValueError, match=r"B0\.1"):
-            _answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")
+            answer_payload(leaves, spec, slots, torch.device("cpu"), "B0.1")

@@ -36,11 +36,12 @@ def _grid():
 def test_every_builder_validates_on_the_grid(pp, vpp, m, generator, schedule):
     plan = build_plan(schedule, pp=pp, vpp=vpp, microbatches=m, generator=generator)
     validate(plan)  # build_plan validates too; this keeps the check explicit
-    expected_llm = 2 * vpp * m
+    split = plan.split_backward  # I and W for B, GI and GW for G
+    expected_llm = (3 if split else 2) * vpp * m
     for ops in plan.ranks:
-        assert sum(op.kind in "FB" for op in ops) == expected_llm
-    modules = [str(op) for ops in plan.ranks for op in ops if op.kind not in "FB"]
-    assert len(modules) == len(set(modules)) == m * (2 + generator)
+        assert sum(op.module == "llm" for op in ops) == expected_llm
+    modules = [str(op) for ops in plan.ranks for op in ops if op.module != "llm"]
+    assert len(modules) == len(set(modules)) == m * (2 + generator * (1 + split))
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "megatron"])

@@ -145,11 +145,12 @@ def test_random_plans_are_complete_valid_and_no_faster_than_the_bound(case):
     sim = simulate(plan, costs)
     assert sim.step_time >= sim.lower_bound - 1e-9
     # every op once: LLM ops once per rank, module ops once per step
+    split = plan.split_backward  # I and W for B, GI and GW for G
     for ops in plan.ranks:
-        llm = [op for op in ops if op.kind in "FB"]
-        assert len(llm) == len(set(llm)) == 2 * vpp * m
-    modules = [op for ops in plan.ranks for op in ops if op.kind not in "FB"]
-    assert len(modules) == len(set(modules)) == m * (2 * encoder + generator)
+        llm = [op for op in ops if op.module == "llm"]
+        assert len(llm) == len(set(llm)) == (3 if split else 2) * vpp * m
+    modules = [op for ops in plan.ranks for op in ops if op.module != "llm"]
+    assert len(modules) == len(set(modules)) == m * (2 * encoder + generator * (1 + split))
     assert Plan.from_json(plan.to_json()) == plan
     # ops on one rank never overlap in time and follow program order
     for row in sim.intervals:

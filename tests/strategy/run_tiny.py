@@ -14,8 +14,10 @@ import os
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 import lightning_bigmac
+from lightning_bigmac.testing.faults import die_in_save
 from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule
 
 
@@ -50,7 +52,11 @@ def main() -> None:
     p.add_argument(
         "--join", type=int, default=1, help="reference runs: data-parallel replicas joined per step"
     )
+    p.add_argument("--layers", type=int, default=4, help="LLM blocks of the tiny model")
     p.add_argument("--ckpt-dir", default=None, help="save a sharded checkpoint at the end of every epoch")
+    p.add_argument("--save-last", action="store_true", help="with --ckpt-dir: also overwrite last.ckpt")
+    p.add_argument("--die-in-save", type=int, default=None, help="the last rank dies in its N-th save")
+    p.add_argument("--async-save", action="store_true", help="Lightning's AsyncCheckpointIO plugin")
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
     p.add_argument(
         "--perturb-replicas",
@@ -63,7 +69,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    module = TinyMLLMModule()
+    module = TinyMLLMModule(layers=args.layers)
     if args.perturb_replicas:
         perturb_copies(module, rank=int(os.environ.get("LOCAL_RANK", 0)), pp=args.pp)
     strategy = args.strategy
@@ -74,13 +80,17 @@ def main() -> None:
         )  # fmt: skip
     callbacks = []
     if args.ckpt_dir:
-        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_epochs=1, save_top_k=-1))
+        callbacks.append(
+            ModelCheckpoint(dirpath=args.ckpt_dir, every_n_epochs=1, save_top_k=-1, save_last=args.save_last)
+        )
+    if args.die_in_save is not None:
+        die_in_save(rank=args.devices - 1, save=args.die_in_save)
     trainer = pl.Trainer(
         strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs,
         gradient_clip_val=args.clip, precision=args.precision, logger=False,
         enable_checkpointing=bool(args.ckpt_dir), callbacks=callbacks, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-        limit_val_batches=args.val_steps or 0,
+        limit_val_batches=args.val_steps or 0, plugins=[AsyncCheckpointIO()] if args.async_save else None,
     )  # fmt: skip
     data = TinyDataModule(args.steps, args.microbatches, val_steps=args.val_steps, join_replicas=args.join)
     trainer.fit(module, data, ckpt_path=args.resume)

@@ -14,6 +14,7 @@ import lightning_bigmac
 from lightning_bigmac import BigMacStrategy, Microbatches, PipelineParts, check_contract, step_loss
 from lightning_bigmac.batches import split_batch
 from lightning_bigmac.schedule import OpCosts
+from lightning_bigmac.testing.reliability import record
 from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule, TinySteps
 
 
@@ -44,11 +45,18 @@ def test_strategy_names_are_registered_on_import():
         ({"start_method": "thread"}, "start_method='thread'"),
         ({"timeout": 0}, "timeout=0 must be > 0"),
         ({"virtual_chunks": 0}, "vpp must be >= 1"),
+        ({"held_columns": 3}, "held_columns applies to the 'bigmac_zb' schedule, not 'bigmac'"),
+        ({"schedule": "bigmac_zb", "weight_deferral": -1}, "weight_deferral"),
     ],
 )
 def test_bad_strategy_arguments_fail_in_the_constructor(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BigMacStrategy(**kwargs)
+
+
+def test_zero_bubble_caps_reach_the_schedule():
+    strategy = BigMacStrategy(schedule="bigmac_zb", held_columns=3, weight_deferral=2)
+    assert (strategy.schedule.held_columns, strategy.schedule.weight_deferral) == (3, 2)
 
 
 def test_costs_from_a_file_plan_with_their_means(tmp_path):
@@ -80,6 +88,11 @@ def test_fp16_with_loss_scaling_is_refused_with_the_alternative():
     trainer = _trainer(BigMacStrategy(pipeline_parallel_size=1, microbatches=2), plugins=[fp16])
     with pytest.raises(MisconfigurationException, match=r"needs loss scaling .* Use precision='bf16-mixed'"):
         trainer.fit(TinyMLLMModule(), TinyDataModule(steps=2, microbatches=2))
+    record(
+        "precision='16-mixed' on GPUs (fp16 with a loss scaler)",
+        "refused at setup, before any step, naming bf16-mixed as the alternative",
+        section="Bad configurations",
+    )
 
 
 def test_unsupported_trainer_options_fail_in_setup():
@@ -180,3 +193,8 @@ def test_pipeline_parts_reject_shared_buffers_naming_the_module_and_the_fix():
         PipelineParts(
             embedding=torch.nn.Embedding(4, 4), blocks=blocks, head=torch.nn.Linear(4, 4), text_targets=len
         )
+    record(
+        "one module with a buffer shared by every block (a rotary embedding)",
+        "refused when the contract is read, naming both module paths, the buffer and the fix",
+        section="Bad configurations",
+    )

@@ -1,8 +1,9 @@
 """Trainer(strategy="bigmac") end to end in real processes, against strategy="auto" in one process.
 
 Each run is `run_tiny.py` in a subprocess: Lightning's default launcher re-runs the script for
-every rank (under pytest it would re-run pytest). Asserted here: per-step losses within 1e-5 of the single-process run for 20 steps, bitwise resume,
-global-norm clipping, the consolidated checkpoint, the CLI and a notebook-style launch.
+every rank (under pytest it would re-run pytest). Asserted here: per-step losses within 1e-5 of
+the single-process run for 20 steps, global-norm clipping, the CLI and a notebook-style launch;
+checkpoints and resume are in test_checkpoints.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 
 from lightning_bigmac.testing.spawn import child_env, free_port
@@ -136,34 +136,6 @@ def test_replicas_built_differently_are_made_equal_at_setup(tmp_path, joined_ref
     args = ["--devices", "4", "--pp", "2", "--steps", "20"]
     got = run_tiny(tmp_path, "perturbed", *args, "--perturb-replicas")
     assert_close_losses(got["losses"], joined_reference["losses"])
-
-
-def test_resume_from_a_sharded_checkpoint_is_bitwise_exact_and_consolidates(tmp_path):
-    common = ["--devices", "2", "--pp", "2", "--steps", "5", "--epochs", "2", "--val-steps", "3"]
-    full = run_tiny(tmp_path, "full", *common, "--ckpt-dir", str(tmp_path / "ckpt"))
-    ckpt = tmp_path / "ckpt" / "epoch=0-step=5.ckpt"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.pt", "shard-00000.pt", "shard-00001.pt"]
-    resumed = run_tiny(tmp_path, "resumed", *common, "--resume", str(ckpt))
-    assert resumed["losses"] == full["losses"][5:]
-    for key, values in full["params"].items():
-        assert resumed["params"][key] == values, f"{key} differs after resume"
-
-    # the consolidated checkpoint loads into the plain module in this process ...
-    from lightning_bigmac.cli import main as bigmac_cli
-    from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule
-
-    out = tmp_path / "full.ckpt"
-    assert bigmac_cli(["consolidate", str(tmp_path / "ckpt" / "epoch=1-step=10.ckpt"), str(out)]) == 0
-    module = TinyMLLMModule.load_from_checkpoint(out)
-    for key, values in full["params"].items():
-        assert module.state_dict()[key].flatten().tolist() == values
-    # ... and gives the validation loss the distributed run measured with the same weights
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, limit_val_batches=3
-    )
-    metrics = trainer.validate(module, TinyDataModule(steps=5, microbatches=4, val_steps=3), verbose=False)[0]
-    assert metrics["val_loss"] == pytest.approx(full["val_loss"], abs=1e-5)
-    assert metrics["val_acc"] == pytest.approx(full["val_acc"], abs=1e-7)
 
 
 def test_bf16_mixed_trains_close_to_one_process(tmp_path):
