@@ -23,6 +23,7 @@ import torch
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint import (
     files,
@@ -34,14 +35,17 @@ from .checkpoint import (
 )
 from .checkpoint.background import BackgroundSaves
 from .runtime.groups import PipelineGroups
+from .runtime.watch import Lost
 
 __all__ = ["CheckpointHooks"]
 
 
 class CheckpointHooks:
-    """Mixed into :class:`~lightning_bigmac.BigMacStrategy` before Lightning's ``ParallelStrategy``."""
+    """Mixed into :class:`~lightning_bigmac.BigMacStrategy` before Lightning's ``ParallelStrategy``,
+    whose ``broadcast``/``barrier`` and ``_watch()`` (the bounded, named waits) it uses."""
 
     groups: PipelineGroups | None
+    world_size: int
     lightning_module: Any
     optimizers: list[torch.optim.Optimizer]
     global_rank: int
@@ -89,7 +93,11 @@ class CheckpointHooks:
         if background is not None:
             background.start(flat, rank0_meta, Path(path), name)
         else:
-            sharded.write(flat, rank0_meta, Path(path), name)
+            try:
+                sharded.write(flat, rank0_meta, Path(path), name)
+            except (RuntimeError, CheckpointException) as err:  # a peer lost inside DCP's collectives
+                others = [r for r in range(self.world_size) if r != self.global_rank]
+                raise self._watch().failure(Lost(others, f"lost a peer while saving {path}", err)) from err
         self.barrier("BigMacStrategy.save_checkpoint")
 
     def _background_saves(self) -> BackgroundSaves | None:

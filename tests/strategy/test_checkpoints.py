@@ -150,6 +150,7 @@ def test_a_rank_killed_while_a_save_overwrites_a_checkpoint_leaves_the_previous_
     out = tmp_path / "killed.json"
     killed = run([sys.executable, str(HERE / "run_tiny.py"), *args, "--out", str(out)], tmp_path)
     assert killed.returncode != 0 and not out.exists()
+    assert "PeerError" in killed.stderr and "is gone" in killed.stderr  # the survivor names the lost rank
     last = ckpt / "last.ckpt"
     assert any(p.name.endswith(".partial") for p in last.iterdir())  # the killed save had begun writing
     resumed = run_tiny(tmp_path, "resumed", *P2, *COMMON, "--resume", str(last))
