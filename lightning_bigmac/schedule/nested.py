@@ -31,7 +31,7 @@ from .orders import one_f_one_b_order
 from .plan import EB, EF, B, F, G, Op, Plan
 from .simulate import simulate
 
-__all__ = ["build_nested"]
+__all__ = ["build_nested", "smallest"]
 
 
 class _Columns:
@@ -140,8 +140,9 @@ class _Search:
         return Plan(cfg.schedule, cfg.pp, cfg.vpp, cfg.microbatches, ranks, cfg.encoder, cfg.generator, knobs)
 
 
-def _smallest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
-    """Smallest x in [lo, hi] with ok(x), given ok is monotone and ok(hi) holds."""
+def smallest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """Smallest x in [lo, hi] with ok(x), given ok is monotone and ok(hi) holds (a binary search;
+    where ok is only nearly monotone, a small x it passes over is not found)."""
     while lo < hi:
         mid = (lo + hi) // 2
         if ok(mid):
@@ -165,7 +166,7 @@ def _minimal_extension(search: _Search) -> list[int]:
     if not search.safe(ext, None):
         raise AssertionError(f"one extra group of warm-up deadlocks for {cfg}")
     for r in reversed(range(cfg.pp)):
-        ext[r] = _smallest(0, ext[r], lambda x, r=r: search.safe([*ext[:r], x, *ext[r + 1 :]], None))
+        ext[r] = smallest(0, ext[r], lambda x, r=r: search.safe([*ext[:r], x, *ext[r + 1 :]], None))
     return ext
 
 
@@ -194,12 +195,12 @@ def build_nested(cfg: ScheduleConfig, costs: OpCosts) -> Plan:
         if not cfg.generator:
             ext = [0] * p
         else:
-            floor = _smallest(0, p, lambda k: search.safe([k] * p, None))
+            floor = smallest(0, p, lambda k: search.safe([k] * p, None))
             best = search.makespan([p] * p, groups)
             target = 1.02 * ideal
             if best > target:
                 target, rule = 1.02 * best, "within 2% of the best candidate (ideal is out of reach)"
-            ext = [_smallest(floor, p, lambda k: search.makespan([k] * p, groups) <= target)] * p
+            ext = [smallest(floor, p, lambda k: search.makespan([k] * p, groups) <= target)] * p
             if costs.latency > 0:
                 ext = _hide_latency(search, ext)
     elif spec == "minimal":
@@ -211,7 +212,7 @@ def build_nested(cfg: ScheduleConfig, costs: OpCosts) -> Plan:
     if not cfg.encoder:
         return search.plan(ext, groups, rule=rule)
 
-    w_safe = _smallest(1, groups, lambda w: search.safe(ext, w))
+    w_safe = smallest(1, groups, lambda w: search.safe(ext, w))
     if cfg.encoder_warmup is not None:
         if cfg.encoder_warmup < w_safe:
             raise ValueError(
@@ -225,7 +226,7 @@ def build_nested(cfg: ScheduleConfig, costs: OpCosts) -> Plan:
     if best > target:
         target, rule = 1.02 * best, "within 2% of the best candidate (ideal is out of reach)"
     fits = lambda w: search.makespan(ext, w) <= target  # noqa: E731
-    w = w_safe if fits(w_safe) else _smallest(w_safe + 1, groups, fits)  # the smallest safe W usually fits
+    w = w_safe if fits(w_safe) else smallest(w_safe + 1, groups, fits)  # the smallest safe W usually fits
     return search.plan(ext, w, encoder_warmup_safe=w_safe, rule=rule)
 
 

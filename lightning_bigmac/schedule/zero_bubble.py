@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 import json
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 
@@ -41,7 +41,7 @@ from .config import ScheduleConfig
 from .costs import OpCosts
 from .dataflow import DataFlow, PlacedOp, default_owners
 from .engine import Deadlock, Interval
-from .nested import build_nested
+from .nested import build_nested, smallest
 from .orders import llm_sequence, megatron_warmup
 from .plan import EB, EF, GI, GW, F, I, Op, Plan, W
 
@@ -219,17 +219,6 @@ def _blocked(me: _Rank, ready: dict[PlacedOp, float], flow: DataFlow, rank: int)
     return op, [src for src in flow.producers(rank, op) if (rank, op) not in ready]
 
 
-def _smallest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
-    """Smallest x in [lo, hi] with ok(x), given ok(hi) (a binary search: ok is nearly monotone)."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def _ceiling(cfg: ScheduleConfig, costs: OpCosts) -> int:
     """bigmac's W for ``cfg`` (its encoder memory), or pp for a step without an encoder."""
     if not cfg.encoder:
@@ -253,9 +242,9 @@ def _caps(layout: ScheduleConfig, costs_json: str) -> tuple[int, int, int]:
 
     held, deferral = ceiling, d_top
     if layout.held_columns is None:
-        held = _smallest(1, ceiling, lambda k: close(k, d_top))
+        held = smallest(1, ceiling, lambda k: close(k, d_top))
     if layout.weight_deferral is None:
-        deferral = _smallest(0, layout.pp, lambda d: close(held, d))
+        deferral = smallest(0, layout.pp, lambda d: close(held, d))
     return held, deferral, ceiling
 
 

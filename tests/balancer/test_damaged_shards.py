@@ -78,12 +78,17 @@ def _read(path: str) -> tuple[dict[str, dict], list[Skipped]]:
     return samples, skipped
 
 
-@pytest.mark.parametrize("how", DAMAGES)
-def test_a_damaged_header_inside_a_sample_loses_that_sample_only(tmp_path, how):
+def _read_damaged(tmp_path, member: str, how: str) -> tuple[str, dict, dict, list]:
+    """Write a shard, damage ``member``'s header the ``how`` way, read it back."""
     path = str(tmp_path / "shard-0.tar")
     written = _write_shard(path)
-    _damage(path, f"{DAMAGED}.1.png", DAMAGES[how])
-    samples, skipped = _read(path)
+    _damage(path, member, DAMAGES[how])
+    return (path, written, *_read(path))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_header_inside_a_sample_loses_that_sample_only(tmp_path, how):
+    path, written, samples, skipped = _read_damaged(tmp_path, f"{DAMAGED}.1.png", how)
     assert samples == {k: v for k, v in written.items() if k != DAMAGED}  # the rest intact, after too
     assert [(s.reason, s.key) for s in skipped] == [("damaged_member", f"shard-0.tar/{DAMAGED}")]
     assert path in skipped[0].detail and "2 readable member(s)" in skipped[0].detail
@@ -98,10 +103,7 @@ def test_a_damaged_header_inside_a_sample_loses_that_sample_only(tmp_path, how):
 @pytest.mark.parametrize("how", DAMAGES)
 def test_damage_between_samples_skips_both_neighbours(tmp_path, how):
     # the first member of 000003 is unreadable: it may as well have been the last of 000002
-    path = str(tmp_path / "shard-0.tar")
-    written = _write_shard(path)
-    _damage(path, f"{DAMAGED}.0.png", DAMAGES[how])
-    samples, skipped = _read(path)
+    _, written, samples, skipped = _read_damaged(tmp_path, f"{DAMAGED}.0.png", how)
     assert samples == {k: v for k, v in written.items() if k not in ("000002", DAMAGED)}
     assert [s.key for s in skipped] == ["shard-0.tar/000002", f"shard-0.tar/{DAMAGED}"]
     assert {s.reason for s in skipped} == {"damaged_member"}
