@@ -275,7 +275,8 @@ def growth(pp: int, vpp: int, costs: OpCosts) -> dict[str, list[int]]:
 
 
 def check_targets(rows: Sequence[Row]) -> list[str]:
-    """The issue's targets on the default-cost rows, each with its verdict."""
+    """What ``bigmac_zb`` is built to reach on the default-cost rows (step / bound at M=4P and 8P,
+    LLM peak within one group of bigmac's), each with its verdict."""
     lines = []
     for r in rows:
         k = r.microbatches // r.pp

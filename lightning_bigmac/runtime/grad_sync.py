@@ -87,21 +87,17 @@ def global_grad_norm(
     replicas: Sequence[torch.nn.Parameter],
     pipeline_group: dist.ProcessGroup,
     device: torch.device,
-    watch: PeerWatch | None = None,
+    watch: PeerWatch,
 ) -> float:
     """The 2-norm of the whole model's gradient, as one process would compute it (a collective).
 
     ``llm`` parameters live on one rank of each pipeline (their gradients already summed over the
     replicas): their squares are summed over ``pipeline_group``. ``replicas`` (encoder and
     generator) gradients are identical on every rank after the sync, so each rank adds them once.
-    ``watch`` (the executor's) names a lost peer; without it the all-reduce is bounded only by the
-    group's timeout and fails with the backend's error.
+    ``watch`` (the executor's) bounds the all-reduce and names a lost peer.
     """
     squares = _squares(llm, device)
-    if watch is None:
-        dist.all_reduce(squares, group=pipeline_group)
-    else:
-        all_reduce(squares, pipeline_group, watch, "the gradient norm all-reduce")
+    all_reduce(squares, pipeline_group, watch, "the gradient norm all-reduce")
     return math.sqrt(float(squares) + float(_squares(replicas, device)))
 
 
