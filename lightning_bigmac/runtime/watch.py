@@ -68,7 +68,7 @@ class PeerWatch:
         self.rank, self.timeout, self.beacon = rank, float(timeout), beacon
         self.step: int | None = None
         """The step being run (the executor's count, from 0), named in errors."""
-        self.probe_wait = min(max(self.timeout / 3, 0.5), 5.0)
+        self.probe_wait = min(max(self.timeout / 5, 0.5), 5.0)  # a lost rank is named within 2 x timeout
         """Seconds a live beacon has to answer: short enough that a survivor stops well within
         twice the timeout, long enough for a busy host to schedule the beacon's thread."""
 

@@ -42,9 +42,10 @@ it waited for, and naming the rank that failed first: each rank runs a small bea
 leaves its diagnosis with the others, then closes all its connections so that its peers fail at
 once rather than at their own timeout, and ends its receiving threads (one left inside gloo
 while the interpreter tears down aborts the process). A stopped rank thus costs the timeout plus
-the beacon's answer time (a third of the timeout, at least 0.5 s and at most 5 s); a killed one
-is noticed at once. An exception in the user's module becomes `OpError` naming the op and what
-its microbatch holds, chained to the original, and the peers' `PeerError` quotes it.
+the beacon's answer time (a fifth of the timeout, at least 0.5 s and at most 5 s, per round
+of questions); a killed one is noticed at once. An exception in the user's module becomes
+`OpError` naming the op and what its microbatch holds, chained to the original, and the peers'
+`PeerError` quotes it.
 """
 
 
