@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ]; then
   [ -x $VENV/bin/python ] || "$PY" -m venv $VENV
   $VENV/bin/python -m pip install -q --upgrade pip
   $VENV/bin/python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-  $VENV/bin/python -m pip install -q -e ".[dev]" "torch==2.13.0"
+  $VENV/bin/python -m pip install -q -e ".[dev,hf]" "torch==2.13.0"
   rm -f $VENV/.installed-* && touch "$STAMP"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

@@ -34,6 +34,7 @@ from .checkpoint import (
     sharded,
 )
 from .checkpoint.background import BackgroundSaves
+from .runtime.errors import PeerError
 from .runtime.groups import PipelineGroups
 from .runtime.watch import Lost
 
@@ -84,21 +85,32 @@ class CheckpointHooks:
             raise TypeError("BigMacStrategy.save_checkpoint(storage_options=...) is not supported")
         background = self._background_saves()
         if background is not None:
-            background.wait()  # the previous save is complete before this one touches any path
+            self._finish_background(background)  # the previous save is complete before this one starts
         if self.global_rank == 0:
             files.prepare(Path(filepath))
         path, name = self.broadcast((str(filepath), files.new_tensors_name()))  # after rank 0 prepared
         flat, meta = sharded.split(checkpoint_, list(self.lightning_module.state_dict()))
         rank0_meta = meta if self.global_rank == 0 else None
-        if background is not None:
-            background.start(flat, rank0_meta, Path(path), name)
-        else:
-            try:
+        try:  # a peer lost inside DCP's collectives (a background save's first ones run here too)
+            if background is not None:
+                background.start(flat, rank0_meta, Path(path), name)
+            else:
                 sharded.write(flat, rank0_meta, Path(path), name)
-            except (RuntimeError, CheckpointException) as err:  # a peer lost inside DCP's collectives
-                others = [r for r in range(self.world_size) if r != self.global_rank]
-                raise self._watch().failure(Lost(others, f"lost a peer while saving {path}", err)) from err
+        except (RuntimeError, CheckpointException) as err:
+            raise self._lost_in_save(path, err) from err
         self.barrier("BigMacStrategy.save_checkpoint")
+
+    def _lost_in_save(self, path: str | Path | None, err: BaseException) -> PeerError:
+        """The PeerError for ``err``, raised by a save's collectives: which peer is gone or silent."""
+        others = [r for r in range(self.world_size) if r != self.global_rank]
+        return self._watch().failure(Lost(others, f"lost a peer while saving {path}", err))
+
+    def _finish_background(self, background: BackgroundSaves) -> None:
+        """Wait for the save in flight; a peer lost inside it is named like in a blocking save."""
+        try:
+            background.wait()
+        except (RuntimeError, CheckpointException) as err:
+            raise self._lost_in_save(background.saving, err) from err
 
     def _background_saves(self) -> BackgroundSaves | None:
         """Present when the Trainer has Lightning's ``AsyncCheckpointIO`` plugin."""
@@ -112,7 +124,7 @@ class CheckpointHooks:
         """Training ends with its last background save complete (its errors raised here)."""
         background = self._background_saves()
         if background is not None:
-            background.wait()
+            self._finish_background(background)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """This rank's part of the checkpoint directory ``checkpoint_path``: what it holds."""
@@ -138,4 +150,4 @@ class CheckpointHooks:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every parameter of the model, gathered on global rank 0 (None elsewhere). A collective."""
         assert self.groups is not None
-        return gather_full_state_dict(self.lightning_module, self.groups)
+        return gather_full_state_dict(self.lightning_module, self.groups, self._watch(), self.root_device)

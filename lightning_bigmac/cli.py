@@ -4,6 +4,7 @@
 
     bigmac plan --schedule bigmac --pp 4 --vpp 2 --microbatches 64 --png runs/plan/bigmac.png
     bigmac plan --schedule bigmac --pp 4 --vpp 2 --microbatches 64 --encoder-warmup 3 --llm-warmup group
+    bigmac plan --schedule bigmac --pp 4 --microbatches 16 --frozen encoder   # a frozen ViT: no EB ops
     bigmac plan --from-json plan.json --costs profile.json
 
 ``bigmac consolidate``: turn a checkpoint directory into the one-file checkpoint a one-process run
@@ -11,6 +12,16 @@ would have saved (weights, optimizer state, loops): ``MyModule.load_from_checkpo
 ``Trainer(strategy="auto").fit(..., ckpt_path=...)`` resumes from it::
 
     bigmac consolidate runs/x/checkpoints/epoch=0-step=100.ckpt runs/x/full.ckpt
+
+``bigmac fit``: per-rank memory (weights, gradients, optimizer states, activations, buffers) of a
+model on a layout, and whether it fits a device (docs/scaling.md)::
+
+    bigmac fit --preset paper --pp 8 --vpp 2 --dp 16 --microbatches 64 --shard optimizer --recompute llm
+
+``bigmac export-hf``: write a checkpoint's transformers model as a ``save_pretrained`` directory
+(needs ``transformers``; the config is read from the run's hyper-parameters unless ``--config``)::
+
+    bigmac export-hf runs/x/checkpoints/last.ckpt runs/x/hf --config path/to/pretrained
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from pathlib import Path
 
 from .schedule import SCHEDULES, OpCosts, Plan, PlanError, Simulation, build_plan, simulate
 from .schedule.orders import megatron_warmup
+from .schedule.plan import MODULES
+from .sizing.command import add_fit_parser
 
 __all__ = ["main"]
 
@@ -38,6 +51,16 @@ def _warmup(text: str) -> str | int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _frozen(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(names - set(MODULES))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: name modules among {', '.join(MODULES)}, like encoder,llm"
+        )
+    return names
+
+
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="build, validate, simulate and draw one step's schedule")
     p.add_argument("--schedule", choices=SCHEDULES, default="bigmac")
@@ -46,6 +69,10 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--microbatches", type=int, default=None, help="microbatches M per step (default 4P)")
     p.add_argument("--no-encoder", action="store_true", help="a text-only step (no encoder work)")
     p.add_argument("--no-generator", action="store_true", help="a step without generator work")
+    p.add_argument(
+        "--frozen", type=_frozen, default=frozenset(), metavar="MODULE[,MODULE]",
+        help="modules without trainable parameters (encoder, llm, generator): their backward ops are dropped",
+    )  # fmt: skip
     p.add_argument(
         "--encoder-warmup", type=int, default=None, metavar="W", help="bigmac: warm encoder groups"
     )
@@ -77,7 +104,7 @@ def _reference(plan: Plan, schedule: str, costs: OpCosts) -> Simulation | None:
     try:
         other = build_plan(
             schedule, pp=plan.pp, vpp=plan.vpp, microbatches=plan.microbatches,
-            encoder=plan.encoder, generator=plan.generator, costs=costs,
+            encoder=plan.encoder, generator=plan.generator, frozen=plan.frozen, costs=costs,
         )  # fmt: skip
     except ValueError:
         return None
@@ -89,6 +116,7 @@ def _report(sim: Simulation, ideal: Simulation | None, megatron: Simulation | No
     lines = [
         f"{plan.schedule}: pp={plan.pp} vpp={plan.vpp} microbatches={plan.microbatches} "
         f"encoder={'yes' if plan.encoder else 'no'} generator={'yes' if plan.generator else 'no'}"
+        + (f" frozen={','.join(m for m in MODULES if m in plan.frozen)}" if plan.frozen else "")
     ]
     if plan.knobs:
         lines.append("knobs: " + ", ".join(f"{k}={v}" for k, v in plan.knobs.items()))
@@ -128,7 +156,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         plan = build_plan(
             args.schedule, pp=args.pp, vpp=args.vpp, microbatches=m, encoder=not args.no_encoder,
             generator=not args.no_generator, encoder_warmup=args.encoder_warmup, llm_warmup=args.llm_warmup,
-            held_columns=args.held_columns, weight_deferral=args.weight_deferral, costs=costs,
+            held_columns=args.held_columns, weight_deferral=args.weight_deferral, frozen=args.frozen,
+            costs=costs,
         )  # fmt: skip
     sim = simulate(plan, costs)  # validates plans loaded from JSON
     ideal = _reference(plan, "ideal", costs)
@@ -169,11 +198,33 @@ def _consolidate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_consolidate)
 
 
+def _run_export_hf(args: argparse.Namespace) -> int:
+    from .hf.export import export_pretrained
+
+    model = export_pretrained(
+        args.checkpoint, args.out, config=args.config, prefix=args.prefix, max_shard_size=args.max_shard_size
+    )
+    print(f"wrote {args.out}: a {type(model).__name__} from {args.checkpoint}")
+    return 0
+
+
+def _export_hf_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-hf", help="write a checkpoint's transformers model with save_pretrained")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (or one-file checkpoint)")
+    p.add_argument("out", type=Path, help="output directory: transformers' from_pretrained loads it")
+    p.add_argument("--config", type=Path, help="config.json or its directory (default: from the run)")
+    p.add_argument("--prefix", default="model.", help="the transformers model's name prefix in the module")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB")
+    p.set_defaults(run=_run_export_hf)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bigmac", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _plan_parser(sub)
     _consolidate_parser(sub)
+    _export_hf_parser(sub)
+    add_fit_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

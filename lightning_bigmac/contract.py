@@ -6,7 +6,8 @@ A module declares its pieces with one method and computes its loss with one func
         def pipeline_parts(self) -> PipelineParts:        # which modules are what
             return PipelineParts(encoder=self.vit, embedding=self.embed, blocks=list(self.llm.blocks),
                                  head=self.lm_head, text_targets=count_text_targets,
-                                 generator=self.gen_head, generator_targets=count_gen_targets)
+                                 generator=self.gen_head, generator_targets=count_gen_targets,
+                                 context=self.positions)    # optional: block(h, ctx) per stage
 
         def training_step(self, batch, batch_idx):
             loss = step_loss(self, batch)                 # the same line under every strategy
@@ -16,7 +17,8 @@ A module declares its pieces with one method and computes its loss with one func
         def validation_step(self, batch, batch_idx):
             self.log("val_loss", step_loss(self, batch), prog_bar=True)
 
-:class:`~lightning_bigmac.runtime.parts.PipelineParts` says what each part computes. Under
+:class:`~lightning_bigmac.runtime.parts.PipelineParts` says what each part computes, what the
+optional stage context is and which parameters the embedding and the head may share. Under
 ``strategy="bigmac"``, :func:`step_loss` runs the whole step through the pipeline (forward and
 backward when training, forward only otherwise) and returns the step's global loss, already
 differentiated: the strategy tells Lightning to skip its own zero-grad and backward. Under any
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 
 from .batches import microbatches_of
-from .runtime.parts import LossWeights, PipelineParts
+from .runtime.parts import LossWeights, PipelineParts, run_blocks
 
 __all__ = ["PipelineStepRunner", "check_contract", "reference_loss", "step_loss"]
 
@@ -87,8 +89,10 @@ def reference_loss(
     """The step loss computed in one process: the formula of :mod:`lightning_bigmac.runtime.parts`.
 
     ``text_weight * sum(text losses) / T + generator_weight * sum(generator losses) / G`` with ``T``
-    and ``G`` the target counts of the whole step; a term with no targets adds 0. Given a list as
-    ``eval_outputs``, appends ``parts.eval_outputs(h, mb)`` of every microbatch to it.
+    and ``G`` the target counts of the whole step; a term with no targets adds 0. The blocks run
+    as in one pipeline stage (:func:`~lightning_bigmac.runtime.parts.run_blocks`: one stage context
+    per microbatch). Given a list as ``eval_outputs``, appends ``parts.eval_outputs(h, mb)`` of
+    every microbatch to it.
     """
     w = weights or LossWeights()
     use_encoder = encoder and parts.encoder is not None
@@ -98,8 +102,7 @@ def reference_loss(
     text = gen = None
     for mb in microbatches:
         h = parts.embedding(mb, parts.encoder(mb) if use_encoder else None)
-        for block in parts.blocks:
-            h = block(h)
+        h = run_blocks(parts.blocks, h, mb, parts.context)
         t = parts.head(h, mb)
         text = t if text is None else text + t
         if eval_outputs is not None and parts.eval_outputs is not None:

@@ -1,8 +1,11 @@
 """Which plan each step runs: the strategy's schedule knobs, the costs plans are built with, a cache.
 
 A plan depends on the step's microbatch count, its owner map (the balancer picks owners per
-step), whether the step is forward-only (validation) and which parts the model has. Plans are
-pure data, so every rank builds the same one from the same inputs without talking to the others.
+step), whether the step is forward-only (validation), which parts the model has and which of them
+are frozen (no parameter requires grad: the plan drops the backward ops they make pointless).
+The frozen set is read from ``requires_grad`` at every step, so freezing or unfreezing a part
+between steps (e.g. a vision encoder trained only after a warm-up) switches plans. Plans are pure
+data, so every rank builds the same one from the same inputs without talking to the others.
 
 ``costs`` decides what the planner optimises for: unit costs (the plan is known before the first
 step), a cost file, or ``"profile"``: the first training step is timed and every later step is
@@ -14,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .runtime.parts import PipelineParts
+from .runtime.plan_fit import frozen_parts
 from .runtime.profiler import planning_costs
 from .schedule import OpCosts, Plan, ScheduleConfig, build_plan
 from .step_report import StepProfile
@@ -46,20 +51,31 @@ class Planner:
         self.wants_profile = costs == "profile"
         """Whether the next training step should be profiled to plan the later ones with."""
         self.encoder = self.generator = True
+        self.parts: PipelineParts | None = None
+        """The model's parts, once known: which exist, and which are frozen at each step."""
         build_plan(config, costs=self.costs)
         self._plans: dict[tuple, Plan] = {}
 
-    def use_parts(self, *, encoder: bool, generator: bool) -> None:
-        """Plan for a model with (or without) an encoder and a generator."""
+    def use_parts(self, parts: PipelineParts) -> None:
+        """Plan for this model: with (or without) an encoder and a generator, and with the parts
+        that have no trainable parameter frozen (read again for every step)."""
+        encoder, generator = parts.encoder is not None, parts.generator is not None
         if (encoder, generator) != (self.encoder, self.generator):
             self.encoder, self.generator = encoder, generator
             self._plans.clear()
+        self.parts = parts
+
+    def frozen(self) -> frozenset[str]:
+        """The modules the next step's plan treats as frozen: the parts' now, else the config's."""
+        return frozen_parts(self.parts) if self.parts is not None else frozenset(self.config.frozen)
 
     def plan_for(
         self, microbatches: int, owners: list[int] | None = None, forward_only: bool = False
     ) -> Plan:
-        """The (cached) plan of a step with ``microbatches`` microbatches and this owner map."""
-        key = (microbatches, tuple(owners) if owners is not None else None, forward_only)
+        """The (cached) plan of a step with ``microbatches`` microbatches and this owner map, for
+        the parts frozen now."""
+        frozen = self.frozen()
+        key = (microbatches, tuple(owners) if owners is not None else None, forward_only, frozen)
         if key not in self._plans:
             cfg = self.config
             try:
@@ -77,6 +93,7 @@ class Planner:
                     weight_deferral=cfg.weight_deferral,
                     owners=owners if cfg.nested else None,
                     forward_only=forward_only,
+                    frozen=frozen,
                 )
             except ValueError as err:
                 raise ValueError(f"cannot plan a step of {microbatches} microbatches: {err}") from err

@@ -10,7 +10,8 @@ result to global rank 0 as a :class:`StepProfile`. :meth:`StepProfile.write` pro
 ``profile.json``    the ``bigmac-profile/1`` cost file: ``bigmac plan --costs profile.json`` replays it
 ``memory.png``      live activations per module and rank over the measured step (in microbatches)
 ``memory.md``       peak saved-activation bytes per module per rank, measured, next to the simulator's
-                    peak in microbatches for the same plan
+                    peak in microbatches for the same plan; a frozen module's column says so (its
+                    forwards keep nothing, so both are 0)
 ==================  =================================================================================
 """
 
@@ -24,8 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
+from .runtime.collectives import gather_object
 from .runtime.executor import PipelineExecutor, StepResult
 from .runtime.memory import ActivationMeter
 from .runtime.profiler import OpEvent, OpProfiler, chrome_trace, cost_profile, measured_simulation
@@ -57,9 +57,10 @@ class StepProfile:
 
     def memory_table(self) -> str:
         """Markdown: measured peak bytes per module per rank, and the simulated peak in microbatches."""
-        sim = self.simulation
-        modules = [m for m in MODULES if any(p.get(m, 0) for p in self.activation_peak)]
-        head = "| rank | " + " | ".join(f"{m} peak (MiB) | {m} live units" for m in modules) + " |"
+        sim, frozen = self.simulation, self.plan.frozen
+        modules = [m for m in MODULES if m in frozen or any(p.get(m, 0) for p in self.activation_peak)]
+        names = {m: f"{m} (frozen)" if m in frozen else m for m in modules}
+        head = "| rank | " + " | ".join(f"{names[m]} peak (MiB) | {m} live units" for m in modules) + " |"
         rule = "|---" * (1 + 2 * len(modules)) + "|"
         rows = [
             f"| PP{rank} | "
@@ -79,6 +80,7 @@ class StepProfile:
             "pp": self.plan.pp,
             "vpp": self.plan.vpp,
             "microbatches": self.plan.microbatches,
+            "frozen": sorted(self.plan.frozen),
             "wall_s": round(self.wall, 4),
             "busiest_rank_compute_s": round(busiest, 4),
             "bubble_fraction": [round(b, 3) for b in sim.bubble_fraction],
@@ -92,15 +94,18 @@ class StepProfile:
         sim = self.simulation
         plan = self.plan
         what = f"step {self.step}, {plan.schedule} pp={plan.pp} vpp={plan.vpp} M={plan.microbatches}"
+        what += f", frozen {', '.join(sorted(plan.frozen))}" if plan.frozen else ""
         gantt = draw_gantt(sim, out / "gantt.png", title=f"Measured {what}: {sim.step_time * 1e3:.0f} ms")
         memory = draw_memory(sim, out / "memory.png", title=f"Live activations, measured {what}")
         chrome_trace(self.events, out / "trace.json")
         cost_profile(plan, self.events, out / "profile.json")
         table = out / "memory.md"
+        frozen = "Frozen modules run their forwards without autograd and keep nothing.\n"
+        frozen = frozen if plan.frozen else ""
         table.write_text(
             f"# Activation memory, {what}\n\n"
             "Peak bytes saved for backward per module on each rank (measured with saved_tensors_hooks),\n"
-            "and the most microbatches of that module each rank held at once (live units).\n\n"
+            f"and the most microbatches of that module each rank held at once (live units).\n{frozen}\n"
             f"{self.memory_table()}\n"
         )
         summary = out / "step.json"
@@ -117,16 +122,16 @@ def profiled_step(
     and, on global rank 0 only, the :class:`StepProfile` of its pipeline (replica 0).
     """
     ex, groups = executor, executor.groups
-    ex.profiler, ex.memory = OpProfiler(ex.rank, ex.device), ActivationMeter(ex.parameters())
+    ex.profiler, ex.memory = OpProfiler(ex.rank, ex.device, ex.watch), ActivationMeter(ex.parameters())
     try:
         start = time.perf_counter()
         result = ex.step(plan, microbatches)
         wall = time.perf_counter() - start
         events = ex.profiler.gather(groups.pipeline_group, dst=groups.pipeline_ranks[0])
-        peaks: list[Any] | None = [None] * groups.pp if groups.pipeline_rank == 0 else None
-        dist.gather_object(
-            result.activation_peak, peaks, dst=groups.pipeline_ranks[0], group=groups.pipeline_group
-        )
+        peaks = gather_object(
+            result.activation_peak, groups.pipeline_ranks[0], groups.pipeline_group, ex.watch,
+            "the activation peaks gather", ex.device,
+        )  # fmt: skip
     finally:
         ex.profiler = ex.memory = None
     if groups.rank != 0:

@@ -46,11 +46,11 @@ from .launcher import GatheringLauncher
 from .planning import Planner
 from .runtime import collectives
 from .runtime.executor import PipelineExecutor, StepResult
-from .runtime.grad_sync import clip_grad_norm_, global_grad_norm
+from .runtime.grad_sync import clip_grad_norm_, global_grad_norm, norm_parameters
 from .runtime.groups import PipelineGroups
 from .runtime.parts import LossWeights
 from .runtime.replicas import equalise_replicas
-from .runtime.watch import PeerWatch
+from .runtime.watch import DEFAULT_TIMEOUT, PeerWatch
 from .sampler_check import warn_if_sampler_shuffles
 from .schedule import OpCosts, Plan, ScheduleConfig
 from .step_report import StepProfile, profiled_step
@@ -106,7 +106,7 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
         text_loss_weight: float | None = None,
         generator_loss_weight: float | None = None,
         split_points: list[int] | None = None,
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT,
         process_group_backend: str | None = None,
         start_method: str = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
@@ -242,7 +242,7 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
             timeout=self.timeout,
         )
         equalise_replicas(self.executor)  # as DDP does at setup
-        self.planner.use_parts(encoder=parts.encoder is not None, generator=parts.generator is not None)
+        self.planner.use_parts(parts)
         self.model_to_device()
         for metric in self.model.modules():
             if isinstance(metric, Metric):  # every pipeline rank saw the same outputs: reduce over replicas
@@ -357,8 +357,8 @@ class BigMacStrategy(CheckpointHooks, ParallelStrategy, PipelineStepRunner):
         """The 2-norm of the whole model's gradient, as one process would compute it (a collective)."""
         ex = self.executor
         assert ex is not None
-        group = ex.groups.pipeline_group
-        return global_grad_norm(ex.llm_parameters(), ex.replica_parameters(), group, ex.device, ex.watch)
+        llm = norm_parameters(ex.llm_parameters(), ex.parts, ex.groups)  # a tied parameter once
+        return global_grad_norm(llm, ex.replica_parameters(), ex.groups.pipeline_group, ex.device, ex.watch)
 
     def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         assert self.executor is not None

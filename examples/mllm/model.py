@@ -12,8 +12,9 @@ LLM positions (rotary) restart at 0 for each sample. Hence a pack's loss sum equ
 samples' loss sums, each computed alone, and the balancer may pack any samples together (its
 cost model: ``llm_attention="sample"``).
 
-The hidden state that crosses pipeline stages is ``{"h": [S, D], "segments": [S], "positions": [S]}``:
-blocks read only it, so every stage can rebuild its attention mask and rotary angles.
+The hidden state that crosses pipeline stages is ``h [S, D]`` alone. What every block derives
+from the microbatch, the segment ids and the rotary tables at the positions, is the stage context
+(:meth:`ExampleMLLM.llm_context`), which each stage builds once from ``mb``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_bigmac import LossWeights, PipelineParts, step_loss
+from lightning_bigmac.runtime.parts import run_blocks
 
 from .collate import collate, unpatchify
 from .config import ModelConfig
@@ -37,7 +39,7 @@ from .tokens import GEN, IMG, VOCAB
 
 __all__ = ["Block", "Embedding", "ExampleMLLM", "FlowHead", "Head", "VisionEncoder", "segment_attention"]
 
-Hidden = dict[str, torch.Tensor]
+Context = dict[str, torch.Tensor]
 
 
 def segment_attention(
@@ -64,19 +66,25 @@ def segment_attention(
     return out.transpose(1, 2)[segments, offset]  # [L, H, d]
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding of ``x [L, heads, d]`` at ``positions [L]``."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # [d/2]
+def rotary(positions: torch.Tensor, d: int, base: float = 10000.0) -> Context:
+    """Rotary tables ``{"cos", "sin"}`` ``[L, 1, d/2]`` of heads of size ``d`` at ``positions [L]``."""
+    half = d // 2
+    freqs = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)  # [d/2]
     angles = positions[:, None].float() * freqs  # [L, d/2]
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [L, 1, d/2]
+    return {"cos": angles.cos()[:, None], "sin": angles.sin()[:, None]}
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x [L, heads, d]`` with the tables of :func:`rotary`."""
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block over a hidden dict; causal with rotary positions in the LLM,
-    bidirectional in the encoder (whose positions are learned embeddings added at the input)."""
+    """Pre-norm transformer block, ``block(h, ctx) -> h``; ``ctx`` holds the ``segments`` attention
+    stays within and, in the causal LLM, the rotary tables (:func:`rotary`). The encoder's positions
+    are learned embeddings added at its input."""
 
     def __init__(self, dim: int, heads: int, *, causal: bool):
         super().__init__()
@@ -85,15 +93,14 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, hidden: Hidden) -> Hidden:
-        h = hidden["h"]  # [L, D]
-        length, dim = h.shape
+    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        length, dim = h.shape  # [L, D]
         q, k, v = self.qkv(self.norm1(h)).view(length, 3, self.heads, -1).unbind(1)  # [L, H, D/H] each
         if self.causal:
-            q, k = rotate(q, hidden["positions"]), rotate(k, hidden["positions"])
-        a = segment_attention(q, k, v, hidden["segments"], causal=self.causal)  # [L, H, D/H]
+            q, k = rotate(q, ctx["cos"], ctx["sin"]), rotate(k, ctx["cos"], ctx["sin"])
+        a = segment_attention(q, k, v, ctx["segments"], causal=self.causal)  # [L, H, D/H]
         h = h + self.proj(a.reshape(length, dim))
-        return {**hidden, "h": h + self.mlp(self.norm2(h))}
+        return h + self.mlp(self.norm2(h))
 
 
 class VisionEncoder(nn.Module):
@@ -115,15 +122,13 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.encoder_dim, cfg.encoder_heads, causal=False) for _ in layers)
         self.norm = nn.LayerNorm(cfg.encoder_dim)
 
-    def forward(self, mb: dict[str, Any]) -> Hidden:
+    def forward(self, mb: dict[str, Any]) -> dict[str, torch.Tensor]:
         pos = mb["patch_pos"]  # [N, 3] row, column, frame
         x = self.patch(mb["patches"])  # [N, E]
         x = x + self.row(pos[:, 0]) + self.col(pos[:, 1]) + self.frame(pos[:, 2])
         if len(x):  # a text-only microbatch has no patches
-            hidden = {"h": x, "segments": mb["patch_spans"]}
             for block in self.blocks:
-                hidden = block(hidden)
-            x = hidden["h"]
+                x = block(x, {"segments": mb["patch_spans"]})
         return {"features": self.norm(x)}
 
 
@@ -141,7 +146,7 @@ class Embedding(nn.Module):
         self.gen_row = nn.Embedding(cfg.max_grid, cfg.dim)
         self.gen_col = nn.Embedding(cfg.max_grid, cfg.dim)
 
-    def forward(self, mb: dict[str, Any], enc: Hidden | None) -> Hidden:
+    def forward(self, mb: dict[str, Any], enc: dict[str, torch.Tensor] | None) -> torch.Tensor:
         tokens = mb["tokens"]
         h = self.tokens(tokens)  # [S, D]
         if enc is not None:
@@ -153,8 +158,7 @@ class Embedding(nn.Module):
                 )
             h = h.index_put((at,), visual)
         gen, pos = (tokens == GEN).nonzero().squeeze(1), mb["gen_pos"]  # pos: [G, 2]
-        h = h.index_add(0, gen, self.gen_row(pos[:, 0]) + self.gen_col(pos[:, 1]))
-        return {"h": h, "segments": mb["segments"], "positions": mb["positions"]}
+        return h.index_add(0, gen, self.gen_row(pos[:, 0]) + self.gen_col(pos[:, 1]))
 
 
 class Head(nn.Module):
@@ -168,10 +172,10 @@ class Head(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(h))  # [..., vocab]
 
-    def forward(self, hidden: Hidden, mb: dict[str, Any]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mb: dict[str, Any]) -> torch.Tensor:
         labels = mb["labels"]
         at = (labels != -100).nonzero().squeeze(1)  # only target positions pay for the vocabulary
-        return F.cross_entropy(self.logits(hidden["h"][at]), labels[at], reduction="sum")
+        return F.cross_entropy(self.logits(h[at]), labels[at], reduction="sum")
 
 
 class FlowHead(nn.Module):
@@ -203,11 +207,11 @@ class FlowHead(nn.Module):
             z = z + block(z)
         return self.out(z)
 
-    def forward(self, hidden: Hidden, mb: dict[str, Any]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mb: dict[str, Any]) -> torch.Tensor:
         at = (mb["tokens"] == GEN).nonzero().squeeze(1)
         x0, x1, t = mb["gen_noise"], mb["gen_target"], mb["gen_time"]  # [G, P], [G, P], [G]
         x_t = (1 - t)[:, None] * x0 + t[:, None] * x1
-        return ((self.velocity(hidden["h"][at], x_t, t) - (x1 - x0)) ** 2).sum()
+        return ((self.velocity(h[at], x_t, t) - (x1 - x0)) ** 2).sum()
 
 
 def _text_targets(mb: dict[str, Any]) -> int:
@@ -261,14 +265,17 @@ class ExampleMLLM(pl.LightningModule):
             generator=self.generator,
             generator_targets=_generator_targets,
             eval_outputs=self.answer_outcomes,
+            context=self.llm_context,
         )
 
-    def forward(self, mb: dict[str, Any]) -> Hidden:
-        """The last LLM stage's output for one microbatch: what the head and the generator read."""
-        hidden = self.embedding(mb, self.encoder(mb))
-        for block in self.blocks:
-            hidden = block(hidden)
-        return hidden
+    def llm_context(self, h: torch.Tensor, mb: dict[str, Any]) -> Context:
+        """The LLM blocks' context of one microbatch: its ``segments`` (one per sample) and the rotary
+        tables at its ``positions`` (restarting at 0 in each sample)."""
+        return {"segments": mb["segments"], **rotary(mb["positions"], self.config.dim // self.config.heads)}
+
+    def forward(self, mb: dict[str, Any]) -> torch.Tensor:
+        """The last LLM stage's output ``h [S, D]`` of one microbatch: what head and generator read."""
+        return run_blocks(self.blocks, self.embedding(mb, self.encoder(mb)), mb, self.llm_context)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = step_loss(self, batch)
@@ -286,16 +293,16 @@ class ExampleMLLM(pl.LightningModule):
         self.log("val_chance_acc", self.chance_acc)
 
     @torch.no_grad()
-    def answer_outcomes(self, outputs: Hidden, mb: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def answer_outcomes(self, h: torch.Tensor, mb: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Per asked question of one microbatch: ``correct`` (1.0 when every answer word is the argmax)
         and ``chance`` (1 / number of choices).
 
-        ``outputs`` is the hidden dict the head receives (``"h" [S, D]``; the head's norm and LM head
-        are applied here, at the scored positions only); ``mb`` supplies ``labels``, ``scored``,
+        ``h [S, D]`` is the hidden state the head receives (the head's norm and LM head are applied
+        here, at the scored positions only); ``mb`` supplies ``labels``, ``scored``,
         ``segments`` and ``choices``. Runs where the head's parameters live (the last stage).
         """
         at = mb["scored"].nonzero().squeeze(1)
-        wrong = (self.head.logits(outputs["h"][at]).argmax(-1) != mb["labels"][at]).float()  # [A]
+        wrong = (self.head.logits(h[at]).argmax(-1) != mb["labels"][at]).float()  # [A]
         choices = mb["choices"]  # [n]
         wrong_words = torch.zeros(len(choices), device=wrong.device).index_add(0, mb["segments"][at], wrong)
         asked = choices > 0
@@ -318,7 +325,7 @@ class ExampleMLLM(pl.LightningModule):
         meta = {"kind": "draw", "prompt": prompt, "answer": "", "choices": 0}
         mb = collate([Record("generate", meta, outputs=[np.zeros((size, size, 3), np.uint8)])], self.config)
         mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-        h = self(mb)["h"][mb["tokens"] == GEN]  # [G, D]
+        h = self(mb)[mb["tokens"] == GEN]  # [G, D]
         x = torch.randn(len(h), self.config.patch_dim, generator=torch.Generator().manual_seed(seed)).to(h)
         for i in range(steps):
             x = x + self.generator.velocity(h, x, torch.full((len(h),), i / steps, device=h.device)) / steps

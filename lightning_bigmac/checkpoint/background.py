@@ -34,11 +34,14 @@ class BackgroundSaves:
         self.timeout = timeout
         self._group: dist.ProcessGroup | None = None
         self._pending: Future | None = None
+        self.saving: Path | None = None
+        """The path of the save in flight (or of the last one)."""
 
     def start(self, flat: dict[str, Any], meta: dict[str, Any] | None, path: Path, name: str) -> None:
         """Like :func:`~lightning_bigmac.checkpoint.sharded.write` (a collective), returning once the
         tensors are copied; ``meta`` (rank 0's) is copied too, for the commit."""
         self.wait()
+        self.saving = path
         if self._group is None:  # collective: every rank's first background save creates it
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
         writer = FileSystemWriter(files.staging(path, name), sync_files=True)

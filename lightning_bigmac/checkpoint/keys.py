@@ -10,16 +10,34 @@ The names do not depend on the layout, so a rank of any layout finds what it hol
 held by several ranks (encoder and generator replicas, data-parallel copies of a stage) is one key,
 which DCP's planner writes once. Optimizer state keys (``exp_avg``) never contain a dot, so the
 parameter name is everything between the prefix and the last dot.
+
+A parameter the module holds under several names (tied embeddings: ``lm_head.weight is
+embed_tokens.weight``) is stored under its first name; each other name's entry is a
+:class:`SameAs` naming it, which :func:`resolve` turns back into the tensor. The optimizer state
+is keyed by the first name already (``named_parameters`` lists a parameter once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["STATE_DICT", "flatten", "optimizer_prefix", "select", "unflatten"]
+__all__ = ["STATE_DICT", "SameAs", "flatten", "optimizer_prefix", "resolve", "select", "unflatten"]
 
 STATE_DICT = "state_dict."
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """The state-dict entry of a second name of the parameter stored under ``name``."""
+
+    name: str
+
+
+def resolve(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each :class:`SameAs` entry replaced by the entry it names."""
+    return {k: state_dict[v.name] if isinstance(v, SameAs) else v for k, v in state_dict.items()}
 
 
 def optimizer_prefix(index: int) -> str:

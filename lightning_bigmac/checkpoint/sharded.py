@@ -52,7 +52,7 @@ def write(flat: dict[str, Any], meta: dict[str, Any] | None, path: Path, name: s
 def _assemble(meta: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
     saved = meta.get("optimizer_states")
     state_dict, states = keys.unflatten(flat, len(saved or ()))
-    checkpoint = {**meta, "state_dict": state_dict}
+    checkpoint = {**meta, "state_dict": keys.resolve(state_dict)}
     if saved is not None:
         checkpoint["optimizer_states"] = [
             {"state": state, "param_groups": s["param_groups"]}

@@ -22,16 +22,31 @@ import torch.distributed as dist
 from .groups import PipelineGroups
 from .watch import Lost, PeerWatch, finish
 
-__all__ = ["all_reduce", "barrier", "broadcast", "broadcast_object", "sever_all"]
+__all__ = [
+    "all_reduce",
+    "barrier",
+    "broadcast",
+    "broadcast_object",
+    "gather_object",
+    "recv_tensor",
+    "send_tensor",
+    "sever_all",
+]
 
 
-def _run(post: Callable[[], dist.Work], group: dist.ProcessGroup | None, watch: PeerWatch, what: str) -> None:
-    """Post a collective over ``group`` (None: the world) and wait for it, bounded; ``what`` names
-    it in errors."""
+def _run(
+    post: Callable[[], dist.Work],
+    group: dist.ProcessGroup | None,
+    watch: PeerWatch,
+    what: str,
+    peer: int | None = None,
+) -> None:
+    """Post a collective over ``group`` (None: the world), or a send or receive with global rank
+    ``peer`` of it, and wait for it, bounded; ``what`` names it in errors."""
     group = dist.group.WORLD if group is None else group
-    ranks = dist.get_process_group_ranks(group)
+    ranks = dist.get_process_group_ranks(group) if peer is None else [watch.rank, peer]
     peers = tuple(r for r in ranks if r != watch.rank)
-    label = f"{what} over ranks {ranks}"
+    label = f"{what} over ranks {ranks}" if peer is None else f"{what} with rank {peer}"
     deadline = watch.deadline()
     watch.blocked(peers, label)
     try:
@@ -95,6 +110,43 @@ def broadcast_object(
     return obj if mine else pickle.loads(buf.cpu().numpy().tobytes())
 
 
+def gather_object(
+    obj: Any, dst: int, group: dist.ProcessGroup | None, watch: PeerWatch, what: str, device: torch.device
+) -> list[Any] | None:
+    """Every rank's ``obj`` of ``group``, in group order, on global rank ``dst`` (None elsewhere):
+    pickled, padded to the longest and gathered, each step bounded and named like the others."""
+    data = pickle.dumps(obj)
+    n = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(n)]
+    _run(lambda: dist.all_gather(sizes, size, group=group, async_op=True), group, watch, what)
+    longest = max(int(s.item()) for s in sizes)
+    buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine = dist.get_rank() == dst
+    bufs = [torch.empty_like(buf) for _ in range(n)] if mine else None
+    _run(lambda: dist.gather(buf, bufs, dst=dst, group=group, async_op=True), group, watch, what)
+    if bufs is None:
+        return None
+    return [
+        pickle.loads(b[: int(s.item())].cpu().numpy().tobytes()) for b, s in zip(bufs, sizes, strict=True)
+    ]
+
+
+def send_tensor(
+    tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, watch: PeerWatch, what: str
+) -> None:
+    """Send ``tensor`` to global rank ``peer`` of ``group`` (bounded and named, as the collectives)."""
+    _run(lambda: dist.isend(tensor, peer, group=group), group, watch, what, peer)
+
+
+def recv_tensor(
+    tensor: torch.Tensor, peer: int, group: dist.ProcessGroup, watch: PeerWatch, what: str
+) -> None:
+    """Receive into ``tensor`` from global rank ``peer`` of ``group`` (bounded and named)."""
+    _run(lambda: dist.irecv(tensor, peer, group=group), group, watch, what, peer)
+
+
 def sever_all(groups: PipelineGroups) -> None:
     """Close this rank's connections in every group of ``groups`` (a rank that failed does it):
     every operation posted on them here fails, and every peer waiting on this rank fails at once.
@@ -103,7 +155,8 @@ def sever_all(groups: PipelineGroups) -> None:
     connections: one that waits 1 ms does it. NCCL groups are left to their peers' timeouts.
     """
     me = dist.get_rank()
-    for group in (*groups.channels.values(), groups.pipeline_group, groups.dp_group, groups.replica_group):
+    every = (*groups.channels.values(), groups.pipeline_group, groups.dp_group, groups.replica_group)
+    for group in {id(g): g for g in (*every, groups.ends_group) if g is not None}.values():
         peers = [r for r in dist.get_process_group_ranks(group) if r != me]
         if peers and dist.get_backend(group) == "gloo":
             with contextlib.suppress(RuntimeError):  # a broken connection refuses the receive at once

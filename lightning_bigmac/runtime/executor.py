@@ -51,14 +51,16 @@ from lightning_bigmac.schedule.plan import EF, GW, F, W
 from .backward import Kept, backward_input, backward_weight, full_backward, leaf_grads
 from .collectives import all_reduce, broadcast_object
 from .errors import describe_microbatch
-from .grad_sync import DEFAULT_BUCKET_BYTES, all_reduce_grads
+from .grad_sync import DEFAULT_BUCKET_BYTES, all_reduce_grads, all_reduce_tied_grads
 from .groups import PipelineGroups
 from .memory import ActivationMeter
 from .partition import Partition, Stage, partition, place
 from .parts import LossWeights, PipelineParts
+from .plan_fit import check_plan
 from .profiler import OpProfiler
 from .routes import Message, Routes
 from .transfer import Transport
+from .watch import DEFAULT_TIMEOUT
 
 __all__ = ["PipelineExecutor", "StepResult"]
 
@@ -122,7 +124,7 @@ class PipelineExecutor:
         split_points: Sequence[int] | None = None,
         weights: LossWeights | None = None,
         device: torch.device | str = "cpu",
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         measure_memory: bool = False,
         profile: bool = False,
@@ -140,13 +142,13 @@ class PipelineExecutor:
         """Bounds every wait on a peer and names the step in errors; shared with the transport."""
         self.transport.connect()
         self.memory = ActivationMeter(self.parameters()) if measure_memory else None
-        self.profiler = OpProfiler(self.rank, self.device) if profile else None
+        self.profiler = OpProfiler(self.rank, self.device, self.watch) if profile else None
         self._routes: dict[int, Routes] = {}
 
     # ---- parameters -------------------------------------------------------------------------
     def llm_parameters(self) -> list[torch.nn.Parameter]:
-        """This rank's LLM parameters (its stages, in stage order)."""
-        return [p for stage in self.stages for p in stage.parameters()]
+        """This rank's LLM parameters (its stages, in stage order; a tied one once)."""
+        return list({id(p): p for stage in self.stages for p in stage.parameters()}.values())
 
     def replica_parameters(self) -> list[torch.nn.Parameter]:
         """Encoder and generator parameters (replicated on every rank)."""
@@ -159,23 +161,7 @@ class PipelineExecutor:
 
     # ---- one step ---------------------------------------------------------------------------
     def _check(self, plan: Plan, microbatches: Sequence[Any]) -> None:
-        expect = (self.groups.pp, self.partition.vpp)
-        if (plan.pp, plan.vpp) != expect:
-            raise ValueError(
-                f"plan has pp={plan.pp}, vpp={plan.vpp} but the executor was built for pp={expect[0]}, "
-                f"vpp={expect[1]}: build the plan with the executor's layout"
-            )
-        if len(microbatches) != plan.microbatches:
-            raise ValueError(
-                f"got {len(microbatches)} microbatches for a plan of microbatches={plan.microbatches}: "
-                "give every pipeline rank the whole step's microbatch list"
-            )
-        for module in ("encoder", "generator"):
-            if getattr(plan, module) and getattr(self.parts, module) is None:
-                raise ValueError(
-                    f"the plan has {module} work but PipelineParts.{module} is None: build the plan "
-                    f"with {module}=False or give the parts a {module}"
-                )
+        check_plan(plan, len(microbatches), self.parts, self.stages, (self.groups.pp, self.partition.vpp))
 
     def routes(self, plan: Plan) -> Routes:
         """Messages of ``plan`` (cached per plan object; plans are immutable)."""
@@ -229,10 +215,11 @@ class PipelineExecutor:
         """Sum gradients over the right groups; returns the number of all-reduce calls.
 
         Encoder/generator gradients are skipped when ``plan`` has no such work (a text-only step),
-        which every rank knows from the plan.
+        which every rank knows from the plan. Tied embedding gradients: see :mod:`.grad_sync`.
         """
         groups, watch = self.groups, self.watch
         calls = all_reduce_grads(self.llm_parameters(), groups.dp_group, watch, self.bucket_bytes)
+        calls += all_reduce_tied_grads(self.parts, groups, watch, self.bucket_bytes)
         for module in ("encoder", "generator"):
             part = getattr(self.parts, module)
             if part is not None and (plan is None or getattr(plan, module)):
@@ -279,7 +266,7 @@ class _Step:
 
     # ---- ops ------------------------------------------------------------------------------------
     def execute(self) -> None:
-        ex = self.ex
+        ex, kinds = self.ex, self.plan.kinds
         for src in range(self.plan.pp):
             if src != self.rank:
                 incoming = self.routes.from_peer(src, self.rank)
@@ -289,8 +276,8 @@ class _Step:
             assert len(inputs) <= 1, f"{op} has {len(inputs)} input messages"
             x = inputs[0] if inputs else None
             prof = ex.profiler.op(op) if ex.profiler is not None else nullcontext()
-            mem = ex.memory.record(op) if ex.memory is not None else nullcontext()
-            with prof, mem:
+            mem = ex.memory.record(op, kinds) if ex.memory is not None else nullcontext()
+            with prof, mem, torch.set_grad_enabled(op.kind in kinds.records):  # off: nothing reads the graph
                 try:
                     out = getattr(self, f"_{op.kind}")(op, x)
                 except Exception as err:
@@ -303,7 +290,7 @@ class _Step:
 
     def _EF(self, op: Op, _: None) -> Any:
         enc = self.ex.parts.encoder(self.mbs[op.microbatch])
-        if not self.plan.forward_only:
+        if EF in self.plan.kinds.opens:  # a frozen encoder (or an evaluation step) keeps nothing
             self.kept[(EF, op.microbatch, -1)] = enc
         return enc
 
@@ -322,7 +309,7 @@ class _Step:
             loss = text * (self.ex.weights.text / self.text_targets) if self.text_targets else text * 0.0
             if self.plan.forward_only and self.ex.parts.eval_outputs is not None:
                 self.eval_outputs[op.microbatch] = self.ex.parts.eval_outputs(h, mb)
-        if not self.plan.forward_only:
+        if F in self.plan.kinds.opens:
             self.kept[(F, op.microbatch, op.chunk)] = Kept(_leaves(x), _leaves(h), loss)
         return h
 
@@ -333,17 +320,20 @@ class _Step:
 
     def _I(self, op: Op, grads: list[torch.Tensor | None] | None) -> list[torch.Tensor | None]:
         kept: Kept = self.kept.pop((F, op.microbatch, op.chunk))
-        input_grads, self.kept[(W, op.microbatch, op.chunk)] = backward_input(*kept.roots(grads), kept.inputs)
+        input_grads, weights = backward_input(*kept.roots(grads), kept.inputs)
+        if W in self.plan.kinds.run:  # a frozen LLM has no weight half
+            self.kept[(W, op.microbatch, op.chunk)] = weights
         return input_grads
 
     def _W(self, op: Op, _: None) -> None:
         backward_weight(self.kept.pop((W, op.microbatch, op.chunk)))
 
     def _generator_loss(self, op: Op, h: Any) -> torch.Tensor | None:
-        """The generator's scaled loss of ``op``'s microbatch (None in an evaluation step)."""
+        """The generator's scaled loss of ``op``'s microbatch; None where no backward reads it (an
+        evaluation step, or a frozen generator with nothing upstream training)."""
         gen = self.ex.parts.generator(h, self.mbs[op.microbatch])
         self.gen_sum += gen.detach().double()
-        if self.plan.forward_only:
+        if op.kind not in self.plan.kinds.opens:
             return None
         return gen * (self.ex.weights.generator / self.gen_targets if self.gen_targets else 0.0)
 
@@ -354,10 +344,13 @@ class _Step:
         loss.backward()
         return leaf_grads(_leaves(h))
 
-    def _GI(self, op: Op, h: Any) -> list[torch.Tensor | None]:
+    def _GI(self, op: Op, h: Any) -> list[torch.Tensor | None] | None:
         loss = self._generator_loss(op, h)
+        if loss is None:
+            return None
         grads, weights = backward_input([loss], [torch.ones_like(loss)], _leaves(h))
-        self.kept[(GW, op.microbatch, -1)] = weights
+        if GW in self.plan.kinds.run:  # a frozen generator has no weight half
+            self.kept[(GW, op.microbatch, -1)] = weights
         return grads
 
     def _GW(self, op: Op, _: None) -> None:

@@ -9,6 +9,10 @@ e.g. pp=2, dp=2: pipelines {0, 1} and {2, 3}; data-parallel groups {0, 2} and {1
 ranks are contiguous so that on a multi-GPU node the chatty point-to-point traffic stays on
 neighbouring devices; data-parallel traffic happens once per step.
 
+With ``pp > 1`` the first and the last rank of each pipeline also form an *ends* group: both hold
+the parameters tied between the embedding (stage 0) and the head (the last stage), whose
+gradients are summed over it (for ``pp == 2`` it is the pipeline group itself).
+
 Besides the pipeline and data-parallel groups every rank gets one *directed channel* per ordered
 pair of ranks of its pipeline: a two-rank group used only for messages from ``a`` to ``b``. NCCL
 runs all operations of one communicator on one stream, so a send ``a -> b`` and a send
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from .beacon import Beacon
+from .watch import DEFAULT_TIMEOUT
 
 __all__ = ["PipelineGroups", "global_rank", "layout"]
 
@@ -69,9 +74,12 @@ class PipelineGroups:
     pairs that include this rank."""
     beacon: Beacon | None = None
     """This rank's beacon and its peers' addresses (see :mod:`.beacon`)."""
+    ends_group: dist.ProcessGroup | None = None
+    """The first and the last rank of this rank's pipeline, on those two ranks when ``pp > 1``
+    (they hold the tied embedding parameters); None on every other rank."""
 
     @classmethod
-    def create(cls, pp: int, dp: int | None = None, *, timeout: float = 300.0) -> PipelineGroups:
+    def create(cls, pp: int, dp: int | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> PipelineGroups:
         """Create every group (a collective: all ranks must call it with the same arguments).
 
         ``dp`` defaults to ``world_size // pp``. ``timeout`` (seconds) bounds every operation on
@@ -114,6 +122,12 @@ class PipelineGroups:
                     if d == me_d and me_p in (src, dst):
                         channels[(src, dst)] = group
         assert pipeline_group is not None and dp_group is not None
+        ends_group = pipeline_group if pp == 2 and me_p in (0, pp - 1) else None
+        for d, members in enumerate(ranks["pipelines"]):
+            if pp > 2:
+                group = dist.new_group([members[0], members[-1]], timeout=bound)
+                if d == me_d and me_p in (0, pp - 1):
+                    ends_group = group
         return cls(
             pp=pp,
             dp=dp,
@@ -127,6 +141,7 @@ class PipelineGroups:
             replica_group=dist.group.WORLD,
             channels=channels,
             beacon=Beacon.start(),
+            ends_group=ends_group,
         )
 
     def describe(self) -> str:

@@ -6,9 +6,11 @@ activations) form the op's *unit*, the same unit the simulator counts in
 (:attr:`~lightning_bigmac.schedule.Simulation.peak_live`): ``F`` and ``EF`` make a unit live,
 ``B`` and ``EB`` free it once the executor drops the saved graph, ``G`` makes and frees one; in a
 split backward ``W`` frees the ``F`` unit and ``GI`` makes a unit that ``GW`` frees (the
-input-gradient ops keep the graph for them). The peak of the live sum is what the simulator
-predicts in units, so for equal-sized microbatches ``peak_bytes / unit_bytes`` must equal the
-predicted peak.
+input-gradient ops keep the graph for them). Which kinds keep and free a unit is the plan's
+(:class:`~lightning_bigmac.schedule.plan.StepKinds`): the forward of a frozen encoder keeps
+nothing, so its unit is live during the op only, and whatever it saved (nothing, run without
+autograd) shows in the peak. The peak of the live sum is what the simulator predicts in units,
+so for equal-sized microbatches ``peak_bytes / unit_bytes`` must equal the predicted peak.
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ from contextlib import contextmanager
 import torch
 
 from lightning_bigmac.schedule import Op
-from lightning_bigmac.schedule.plan import EB, EF, GI, GW, MODULES, B, F, G, W
+from lightning_bigmac.schedule.plan import EB, EF, GI, GW, MODULES, B, F, G, I, StepKinds, W
 
 __all__ = ["ActivationMeter"]
 
-_OPENS = {F, EF, G, GI}
-_CLOSES = {B: F, EB: EF, G: G, W: F, GW: GI}
+_FORWARDS = {F, EF, G, GI}
+_FORWARD_OF = {B: F, I: F, W: F, EB: EF, GW: GI}
 
 
 def _unit(op: Op) -> tuple[str, int, int]:
-    kind = _CLOSES.get(op.kind, op.kind)
+    kind = _FORWARD_OF.get(op.kind, op.kind)
     return (kind, op.microbatch, op.chunk)
 
 
@@ -51,11 +53,13 @@ class ActivationMeter:
         """Bytes of every unit recorded this step, by ``(forward kind, microbatch, chunk)``."""
 
     @contextmanager
-    def record(self, op: Op) -> Iterator[None]:
-        """Count what ``op`` saves for backward (a no-op context for ops that free)."""
-        if op.kind not in _OPENS:
+    def record(self, op: Op, kinds: StepKinds) -> Iterator[None]:
+        """Count what ``op`` of a step of ``kinds`` saves for backward (a no-op context for ops
+        that free)."""
+        if op.kind not in _FORWARDS:
             yield
-            self._close(op)
+            if op.kind in kinds.closes:
+                self._close(op)
             return
         seen: set[int] = set()
         total = 0
@@ -75,7 +79,7 @@ class ActivationMeter:
         self.unit_bytes[_unit(op)] = total
         self.live[module] += total
         self.peak[module] = max(self.peak[module], self.live[module])
-        if op.kind == G:
+        if op.kind in kinds.closes or op.kind not in kinds.opens:  # a unit no later op frees
             self._close(op)
 
     def _close(self, op: Op) -> None:

@@ -2,8 +2,9 @@
 
 Stage ``s = chunk * pp + rank`` (Megatron's interleaved layout, as in the plan) holds a contiguous
 run of blocks; stage 0 also holds the embedding (token embedding + merge of encoder outputs), the
-last stage the head (final norm, LM head, text loss). Encoder and generator are replicated on
-every rank and are not partitioned.
+last stage the head (final norm, LM head, text loss). Encoder, generator and an ``nn.Module``
+stage context are replicated on every rank and are not partitioned. Parameters tied between the
+embedding and the head stay on every rank that holds either.
 
 Balance: by default each block costs its parameter count (the right measure for dense blocks of
 one model); pass ``costs`` (e.g. profiled block times) or explicit ``split_points`` instead.
@@ -12,13 +13,14 @@ one model); pass ``costs`` (e.g. profiled block times) or explicit ``split_point
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .parts import PipelineParts
+from .parts import PipelineParts, run_blocks
 
 __all__ = ["Partition", "Stage", "balanced_bounds", "partition", "place"]
 
@@ -109,32 +111,45 @@ def partition(
 class Stage(nn.Module):
     """One stage: its blocks, plus the embedding on stage 0 and the head on the last stage.
 
-    ``forward(x, mb)`` returns the stage's output hidden state; the executor applies ``head``
-    itself because the last stage's hidden state also feeds the generator.
+    ``forward(x, mb)`` returns the stage's output hidden state, with the stage context built once
+    (:func:`~.parts.run_blocks`); the executor applies ``head`` itself because the last stage's
+    hidden state also feeds the generator.
     """
 
     def __init__(
-        self, index: int, blocks: Sequence[nn.Module], embedding: nn.Module | None, head: nn.Module | None
+        self,
+        index: int,
+        blocks: Sequence[nn.Module],
+        embedding: nn.Module | None,
+        head: nn.Module | None,
+        context: Callable[[Any, Any], Any] | None = None,
     ):
         super().__init__()
         self.index = index
         self.embedding = embedding
         self.blocks = nn.ModuleList(blocks)
         self.head = head
+        # Not a submodule: every stage of the rank shares it, and it has nothing to train or sync.
+        self.__dict__["context"] = context
 
     def forward(self, x, mb):
         h = self.embedding(mb, x) if self.embedding is not None else x
-        for block in self.blocks:
-            h = block(h)
-        return h
+        return run_blocks(self.blocks, h, mb, self.context)
 
 
-def _materialise(module: nn.Module, device: torch.device) -> None:
-    """Allocate a meta-initialised module on ``device`` and initialise it with ``reset_parameters``."""
-    if not any(p.is_meta for p in module.parameters()):
+def _materialise(
+    module: nn.Module, device: torch.device, fill: Callable[[nn.Module], None] | None = None
+) -> None:
+    """Allocate a meta-initialised module on ``device`` and give it values: ``fill(module)`` when given
+    (``PipelineParts.fill_part``, which sets buffers too), else every submodule's ``reset_parameters``."""
+    tensors = [*module.parameters(), *(module.buffers() if fill is not None else ())]
+    if not any(t.is_meta for t in tensors):
         module.to(device)
         return
     module.to_empty(device=device)
+    if fill is not None:
+        fill(module)
+        return
     for sub in module.modules():
         if callable(getattr(sub, "reset_parameters", None)):
             sub.reset_parameters()
@@ -151,7 +166,11 @@ def place(
     """Build ``rank``'s stages (one per chunk) on ``device``; free every LLM part the rank does not own.
 
     Freed parts move to the meta device (no storage); parts created on the meta device and owned
-    here are materialised. Encoder and generator are replicated, so every rank materialises them.
+    here are materialised (and filled by ``parts.fill_part`` when given). Encoder, generator and an
+    ``nn.Module`` context are replicated, so every rank materialises them. A parameter tied between
+    embedding and head (``parts.tied``) is the held part's on a rank that holds only one of the two,
+    and the embedding's otherwise, in both parts: moving a part to the meta device would replace it
+    there and break the tie.
     """
     device = torch.device(device)
     last = split.num_stages - 1
@@ -159,23 +178,34 @@ def place(
     owned = {i for s in mine for i in split.blocks_of(s)}
     for i, block in enumerate(parts.blocks):
         if i in owned:
-            _materialise(block, device)
+            _materialise(block, device, parts.fill_part)
         else:
             block.to("meta")
     for module, stage in ((parts.embedding, 0), (parts.head, last)):
         if stage in mine:
-            _materialise(module, device)
+            _materialise(module, device, parts.fill_part)
         else:
             module.to("meta")
-    for module in (parts.encoder, parts.generator):
-        if module is not None:
-            _materialise(module, device)
+    for module in (parts.encoder, parts.generator, parts.context):
+        if isinstance(module, nn.Module):
+            _materialise(module, device, parts.fill_part)
+    _retie(parts, keep_head=last in mine and 0 not in mine)
     return [
         Stage(
             s,
             [parts.blocks[i] for i in split.blocks_of(s)],
             parts.embedding if s == 0 else None,
             parts.head if s == last else None,
+            parts.context,
         )
         for s in mine
     ]
+
+
+def _retie(parts: PipelineParts, keep_head: bool) -> None:
+    """Make each tied pair one parameter again: the head's when ``keep_head``, else the embedding's."""
+    for in_embedding, in_head in parts.tied:
+        src, dst = (parts.head, parts.embedding) if keep_head else (parts.embedding, parts.head)
+        src_name, dst_name = (in_head, in_embedding) if keep_head else (in_embedding, in_head)
+        path, _, leaf = dst_name.rpartition(".")
+        setattr(dst.get_submodule(path), leaf, src.get_parameter(src_name))

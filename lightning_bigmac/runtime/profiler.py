@@ -1,8 +1,10 @@
 """Per-op timing on every rank, exported as a Chrome trace and as the simulator's cost file.
 
 Each op's compute (after its inputs arrived, before its outputs are posted) is timed with
-``time.perf_counter`` and, while a ``torch.profiler`` records, wrapped in a ``record_function``
-range named after the op string, so its trace of the same step shows the same names. Clocks are
+``time.perf_counter`` on CPU and with CUDA events on a GPU (the host returns from a kernel launch
+long before the kernel ends, so a host clock would time launches: :class:`DeviceClock`), and,
+while a ``torch.profiler`` records, wrapped in a ``record_function`` range named after the op
+string, so its trace of the same step shows the same names. Clocks are
 normalised per step: the pipeline meets at a barrier and each rank measures from the moment it
 leaves it. Ranks leave a barrier up to milliseconds apart on busy hosts, as long as a transfer,
 so :meth:`OpProfiler.gather` then measures each rank's clock against the gathering rank's with a
@@ -25,7 +27,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,11 +40,16 @@ from torch.profiler import record_function
 from lightning_bigmac.schedule import DataFlow, Interval, Op, OpCosts, Plan, Simulation
 from lightning_bigmac.schedule.costs import PROFILE_FORMAT
 
+from .collectives import barrier, gather_object, recv_tensor, send_tensor
+from .watch import DEFAULT_TIMEOUT, PeerWatch
+
 __all__ = [
+    "DeviceClock",
     "OpEvent",
     "OpProfiler",
     "chrome_trace",
     "cost_profile",
+    "device_clock",
     "measured_simulation",
     "planning_costs",
     "transfer_latency",
@@ -59,48 +66,123 @@ class OpEvent:
     end: float
 
 
-class OpProfiler:
-    """Collects :class:`OpEvent` s for the current step on this rank."""
+class DeviceClock:
+    """Op times on a device's own timeline: an event recorded on the current stream at each op's
+    start and end, read (after one synchronisation) as seconds since the step's origin event.
 
-    def __init__(self, rank: int, device: torch.device | str = "cpu"):
+    ``event`` makes a timing event (``torch.cuda.Event(enable_timing=True)`` on CUDA) with
+    ``record()`` and ``elapsed_time(other)`` in milliseconds; ``synchronize`` waits for the device.
+    """
+
+    def __init__(self, event: Callable[[], Any], synchronize: Callable[[], None]):
+        self._event, self._synchronize = event, synchronize
+        self._origin: Any = None
+
+    def start(self) -> None:
+        """Mark the step's origin on the device's stream, once the device has caught up with the
+        host (so the origin is the host's zero too, and the ranks' host clocks align the events)."""
+        self._synchronize()
+        self._origin = self._event()
+        self._origin.record()
+
+    def mark(self) -> Any:
+        """An event recorded now on the device's stream."""
+        event = self._event()
+        event.record()
+        return event
+
+    def seconds(self, marks: Sequence[Any]) -> list[float]:
+        """Seconds from the origin to each of ``marks`` (waits for the device once)."""
+        self._synchronize()
+        return [self._origin.elapsed_time(m) / 1000.0 for m in marks]
+
+
+def device_clock(device: torch.device) -> DeviceClock | None:
+    """The :class:`DeviceClock` of ``device`` when it is a GPU, else None (the host clock is the device's)."""
+    if device.type != "cuda":
+        return None
+    return DeviceClock(lambda: torch.cuda.Event(enable_timing=True), lambda: torch.cuda.synchronize(device))
+
+
+class OpProfiler:
+    """Collects :class:`OpEvent` s for the current step on this rank.
+
+    ``clock``: a :class:`DeviceClock` to time ops on (default :func:`device_clock` of ``device``:
+    CUDA events on a GPU, the host's ``perf_counter`` otherwise).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        device: torch.device | str = "cpu",
+        watch: PeerWatch | None = None,
+        clock: DeviceClock | None = None,
+    ):
         self.rank = rank
         self.device = torch.device(device)
         """Where the clock probes live: the rank's GPU with NCCL."""
-        self.events: list[OpEvent] = []
+        self.watch = watch or PeerWatch(rank, DEFAULT_TIMEOUT)
+        """Bounds and names the profiler's waits on peers (the executor's, in a run)."""
+        self.clock = clock if clock is not None else device_clock(self.device)
+        self._events: list[OpEvent] = []
+        self._marks: list[tuple[str, Any, Any]] = []
+        """Ops timed on the device clock, not read yet: (name, start mark, end mark)."""
         self._t0 = time.perf_counter()
 
     def start_step(self, group: dist.ProcessGroup | None = None) -> None:
         """Forget the last step and zero the clock, after a barrier on ``group`` when given."""
         if group is not None:
-            dist.barrier(group=group)
+            barrier(group, self.watch, "the profiler's step barrier")
         self._t0 = time.perf_counter()
-        self.events = []
+        if self.clock is not None:
+            self.clock.start()
+        self._events, self._marks = [], []
 
     def now(self) -> float:
+        """Host seconds since the step's start."""
         return time.perf_counter() - self._t0
+
+    @property
+    def events(self) -> list[OpEvent]:
+        """This step's ops so far, in seconds since its start (device-clock marks read here)."""
+        if self._marks:
+            assert self.clock is not None
+            times = self.clock.seconds([m for _, start, end in self._marks for m in (start, end)])
+            self._events += [
+                OpEvent(self.rank, name, times[2 * i], times[2 * i + 1])
+                for i, (name, _, _) in enumerate(self._marks)
+            ]
+            self._marks = []
+        return self._events
 
     @contextmanager
     def op(self, op: Op) -> Iterator[None]:
         name = str(op)
         # a range costs ~0.1 ms per op inside a step even with no torch profiler to record it
         with record_function(name) if torch.autograd._profiler_enabled() else nullcontext():
-            start = self.now()
-            yield
-            self.events.append(OpEvent(self.rank, name, start, self.now()))
+            if self.clock is not None:
+                start = self.clock.mark()
+                yield
+                self._marks.append((name, start, self.clock.mark()))
+            else:
+                begun = self.now()
+                yield
+                self._events.append(OpEvent(self.rank, name, begun, self.now()))
 
     def gather(self, group: dist.ProcessGroup, dst: int) -> list[OpEvent] | None:
-        """Every rank's events on global rank ``dst`` (None elsewhere), on ``dst``'s clock;
-        collective over ``group``."""
+        """Every rank's events on global rank ``dst`` (None elsewhere), on ``dst``'s clock from the
+        moment the first rank left the step's barrier (a rank may leave it before ``dst``, so its
+        first op can start before ``dst``'s zero); collective over ``group``."""
         offsets = self._clock_offsets(group, dst)
-        size = dist.get_world_size(group)
-        out: list[Any] | None = [None] * size if dist.get_rank() == dst else None
-        dist.gather_object([asdict(e) for e in self.events], out, dst=dst, group=group)
+        mine = [asdict(e) for e in self.events]
+        out = gather_object(mine, dst, group, self.watch, "the profiler's event gather", self.device)
         if out is None:
             return None
         events = []
         for offset, evs in zip(offsets, out, strict=True):
             events += [OpEvent(e["rank"], e["op"], e["start"] - offset, e["end"] - offset) for e in evs]
-        return events
+        early = min([0.0, *(e.start for e in events)])
+        return [OpEvent(e.rank, e.op, e.start - early, e.end - early) for e in events]
 
     def _clock_offsets(self, group: dist.ProcessGroup, dst: int, probes: int = 8) -> list[float]:
         """Per rank of ``group``, its clock minus ``dst``'s (on ``dst``; zeros elsewhere).
@@ -112,6 +194,7 @@ class OpProfiler:
         ranks = dist.get_process_group_ranks(group)
         offsets = [0.0] * len(ranks)
         probe = torch.zeros(1, dtype=torch.float64, device=self.device)
+        what = "the profiler's clock probes"
         for i, peer in enumerate(ranks):
             if peer == dst or dist.get_rank() not in (peer, dst):
                 continue
@@ -119,15 +202,15 @@ class OpProfiler:
             for _ in range(probes):
                 if dist.get_rank() == dst:
                     sent = self.now()
-                    dist.send(probe, peer, group=group)
-                    dist.recv(probe, peer, group=group)
+                    send_tensor(probe, peer, group, self.watch, what)
+                    recv_tensor(probe, peer, group, self.watch, what)
                     back = self.now()
                     if back - sent < best:
                         best, offsets[i] = back - sent, probe.item() - (sent + back) / 2
                 else:
-                    dist.recv(probe, dst, group=group)
+                    recv_tensor(probe, dst, group, self.watch, what)
                     probe.fill_(self.now())
-                    dist.send(probe, dst, group=group)
+                    send_tensor(probe, dst, group, self.watch, what)
         return offsets
 
 

@@ -4,7 +4,9 @@ The encoder and generator are replicated on every rank of the ``pp x dp`` grid a
 on every rank of its data-parallel group. Gradients are summed over those groups, which keeps the
 copies equal only if they start equal; ranks that built the model differently (another seed,
 meta-device initialisation, another build order) would otherwise train different copies
-silently. One broadcast per bucket at setup rules that out.
+silently. One broadcast per bucket at setup rules that out. Parameters tied between the
+embedding and the head have a copy on the first and on the last stage's rank, and the last
+stage's copy is overwritten with stage 0's, as the one-process model has one tensor.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ from torch import nn
 
 from . import collectives
 from .executor import PipelineExecutor
-from .grad_sync import DEFAULT_BUCKET_BYTES, buckets
+from .grad_sync import DEFAULT_BUCKET_BYTES, buckets, tied_parameters
 from .watch import PeerWatch
 
 __all__ = ["broadcast_module", "equalise_replicas"]
 
 
-@torch.no_grad()
 def broadcast_module(
     module: nn.Module,
     src: int,
@@ -37,7 +38,18 @@ def broadcast_module(
 
     Every rank of ``group`` must pass a module of the same structure (same tensors, same order).
     """
-    tensors: Sequence[torch.Tensor] = [*module.parameters(), *module.buffers()]
+    _broadcast([*module.parameters(), *module.buffers()], src, group, watch, what, bucket_bytes)
+
+
+@torch.no_grad()
+def _broadcast(
+    tensors: Sequence[torch.Tensor],
+    src: int,
+    group: dist.ProcessGroup,
+    watch: PeerWatch,
+    what: str,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> None:
     for run in buckets([t for t in tensors if t.numel()], bucket_bytes):
         flat = torch.cat([t.detach().reshape(-1) for t in run])
         collectives.broadcast(flat, src, group, watch, what)
@@ -48,8 +60,9 @@ def broadcast_module(
 
 
 def equalise_replicas(executor: PipelineExecutor) -> None:
-    """The executor's encoder/generator replicas from global rank 0 over every rank, and each of
-    its stages from data-parallel rank 0 of its group. A collective over the world."""
+    """The executor's encoder/generator replicas from global rank 0 over every rank, each of its
+    stages from data-parallel rank 0 of its group, then the tied embedding parameters from each
+    pipeline's first rank to its last. A collective over the world."""
     groups, watch = executor.groups, executor.watch
     if groups.pp * groups.dp == 1:
         return
@@ -61,3 +74,6 @@ def equalise_replicas(executor: PipelineExecutor) -> None:
             broadcast_module(
                 stage, groups.dp_ranks[0], groups.dp_group, watch, "the stage broadcast at setup"
             )
+    if groups.ends_group is not None and executor.parts.tied:
+        what = "the tied embedding broadcast at setup"
+        _broadcast(tied_parameters(executor.parts), groups.pipeline_ranks[0], groups.ends_group, watch, what)

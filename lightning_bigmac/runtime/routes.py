@@ -10,7 +10,8 @@ Every dependency of :class:`~lightning_bigmac.schedule.DataFlow` is one of two t
 A consumer op has at most one message producer, so ``(rank, consumer op)`` names a message and
 gives its tag. For NCCL's posting-order matching the receiver must read the messages from one
 sender in that sender's order; :meth:`Routes.from_peer` lists them so, computed from the global
-plan that every rank holds.
+plan that every rank holds. A plan with frozen parts has fewer ops, hence fewer messages: no
+gradient goes to a frozen encoder's owner, none from the generator when nothing upstream trains.
 """
 
 from __future__ import annotations

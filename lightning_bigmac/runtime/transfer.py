@@ -53,7 +53,7 @@ from .errors import PeerError
 from .groups import PipelineGroups
 from .link import GLOO_INLINE_BYTES, HEADER_SLOTS, PARTS, Link
 from .receiving import Receiver
-from .watch import Lost, PeerWatch
+from .watch import DEFAULT_TIMEOUT, Lost, PeerWatch
 from .wire import answer_payload, answer_slots, encode_header, leaf_words
 
 __all__ = ["GLOO_INLINE_BYTES", "HEADER_SLOTS", "PARTS", "PeerError", "Transport"]
@@ -77,7 +77,7 @@ class Transport:
         groups: PipelineGroups,
         *,
         device: torch.device | str = "cpu",
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT,
         match_by_order: bool = False,
         inline_bytes: int | None = None,
     ):

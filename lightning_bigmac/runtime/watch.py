@@ -23,7 +23,11 @@ import torch.distributed as dist
 from .beacon import GONE, SILENT, Beacon
 from .errors import OpError, PeerError
 
-__all__ = ["Lost", "PeerWatch", "finish"]
+__all__ = ["DEFAULT_TIMEOUT", "Lost", "PeerWatch", "finish"]
+
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a rank waits for a peer unless told otherwise (``BigMacStrategy(timeout=...)``)."""
 
 
 class Lost(Exception):

@@ -17,11 +17,14 @@ __all__ = ["build_plan"]
 
 
 def _llm_order(cfg: ScheduleConfig, rank: int) -> list[Op]:
+    """The schedule's LLM order without the backwards a frozen LLM (and encoder) leave out."""
     if cfg.forward_only:  # nothing is kept for a backward: run the forwards chunk by chunk
         return [op for op in gpipe_order(cfg.pp, cfg.vpp, cfg.microbatches) if op.kind == F]
     if cfg.schedule == "gpipe":
-        return gpipe_order(cfg.pp, cfg.vpp, cfg.microbatches)
-    return one_f_one_b_order(rank, cfg.pp, cfg.vpp, cfg.microbatches)
+        order = gpipe_order(cfg.pp, cfg.vpp, cfg.microbatches)
+    else:
+        order = one_f_one_b_order(rank, cfg.pp, cfg.vpp, cfg.microbatches)
+    return [op for op in order if op.kind in cfg.kinds.run]
 
 
 def _embedded(cfg: ScheduleConfig) -> Plan:
@@ -29,9 +32,9 @@ def _embedded(cfg: ScheduleConfig) -> Plan:
 
     This is the layout of Megatron-LM's LLaVA, NeMo and torchtitan's VLM: ``EF.j`` runs right
     before stage 0's forward of ``j``, ``EB.j`` right after its backward, and ``G.j`` right after
-    the last stage's forward of ``j``.
+    the last stage's forward of ``j``. A frozen encoder has no ``EB``.
     """
-    p, v = cfg.pp, cfg.vpp
+    p, v, backward = cfg.pp, cfg.vpp, EB in cfg.kinds.run
     ranks = []
     for r in range(p):
         ops: list[Op] = []
@@ -39,7 +42,7 @@ def _embedded(cfg: ScheduleConfig) -> Plan:
             if cfg.encoder and r == 0 and op.kind == F and op.chunk == 0:
                 ops.append(Op(EF, op.microbatch))
             ops.append(op)
-            if cfg.encoder and r == 0 and op.kind == B and op.chunk == 0:
+            if backward and r == 0 and op.kind == B and op.chunk == 0:
                 ops.append(Op(EB, op.microbatch))
             if cfg.generator and r == p - 1 and op.kind == F and op.chunk == v - 1:
                 ops.append(Op(G, op.microbatch))
@@ -63,7 +66,7 @@ def _nested_forward_only(cfg: ScheduleConfig) -> Plan:
 def _plan(cfg: ScheduleConfig, ranks: list) -> Plan:
     return Plan(
         cfg.schedule, cfg.pp, cfg.vpp, cfg.microbatches, tuple(ranks), cfg.encoder, cfg.generator,
-        forward_only=cfg.forward_only,
+        forward_only=cfg.forward_only, frozen=cfg.frozen,
     )  # fmt: skip
 
 

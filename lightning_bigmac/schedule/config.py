@@ -6,6 +6,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from .dataflow import check_owner_map
+from .plan import MODULES, StepKinds, step_kinds
 
 __all__ = ["SCHEDULES", "ScheduleConfig"]
 
@@ -68,13 +69,25 @@ class ScheduleConfig:
     owners: Sequence[int] | None = None
     """ideal/bigmac/bigmac_zb: rank running microbatch j's encoder and generator work; a permutation of
     0..pp-1 within each group of pp microbatches. None: j mod pp."""
+    frozen: Collection[str] = frozenset()
+    """Modules without a trainable parameter, of ``encoder``, ``llm`` and ``generator`` (a
+    collection, or one comma-separated string): the plan drops the backward ops that would compute
+    nothing (:func:`~lightning_bigmac.schedule.plan.step_kinds`). Stored as a frozenset."""
 
     def __post_init__(self) -> None:
+        names = self.frozen.split(",") if isinstance(self.frozen, str) else self.frozen
+        object.__setattr__(self, "frozen", frozenset(n.strip() for n in names if n.strip()))
         self.check()
 
     @property
     def groups(self) -> int:
         return self.microbatches // self.pp
+
+    @property
+    def kinds(self) -> StepKinds:
+        """The op kinds a plan of this config runs (``bigmac_zb`` splits its backward)."""
+        split = self.schedule == "bigmac_zb" and not self.forward_only
+        return step_kinds(self.encoder, self.generator, self.forward_only, split, self.frozen)
 
     @property
     def nested(self) -> bool:
@@ -88,6 +101,9 @@ class ScheduleConfig:
         for name in ("pp", "vpp", "microbatches"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = sorted(set(self.frozen) - set(MODULES))
+        if unknown:
+            raise ValueError(f"frozen names {unknown}: name modules among {', '.join(MODULES)}")
         if self.schedule == "1f1b" and self.vpp != 1:
             raise ValueError(f"schedule '1f1b' has one chunk per rank but vpp={self.vpp}; use 'interleaved'")
         if self.schedule == "interleaved" and self.vpp < 2:

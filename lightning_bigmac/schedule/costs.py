@@ -10,7 +10,9 @@ Three sources, one type:
 
 A split backward's ops (``I``/``W``, ``GI``/``GW``) take their share of the whole op's duration
 (``llm_weight_share``, ``generator_weight_share``); a profile of a split step measures both
-parts, and :meth:`OpCosts.from_profile` turns their means into the whole and the share.
+parts, and :meth:`OpCosts.from_profile` turns their means into the whole and the share. The
+whole backward of a frozen module computes only the gradient of its input: a frozen LLM's ``B``
+costs what its ``I`` would, a frozen generator's ``G`` what its ``GI`` would.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ _SPLIT_FIELDS = {
     (GI, GW): ("generator", "generator_weight_share"),
 }
 _PART = {kind: (pair, pair.index(kind)) for pair in _SPLIT_FIELDS for kind in pair}
+_INPUT_HALF = {B: I, G: GI}
+"""A whole backward's input-gradient half: all a frozen module's backward computes."""
 
 
 def _at(value: PerMicrobatch | None, j: int) -> float | None:
@@ -83,18 +87,20 @@ class OpCosts:
     measured: Mapping[str, float] = field(default_factory=dict)
     """Exact durations from a profile, keyed ``"<rank>:<op>"`` for LLM ops and ``"<op>"`` otherwise."""
 
-    def duration(self, rank: int, op: Op) -> float:
-        """How long ``op`` takes on ``rank``."""
+    def duration(self, rank: int, op: Op, frozen: frozenset[str] = frozenset()) -> float:
+        """How long ``op`` takes on ``rank`` in a step whose ``frozen`` modules compute no weight
+        gradients (see the module docstring)."""
         key = f"{rank}:{op}" if op.kind in LLM_KINDS else str(op)
         got = self.measured.get(key)
         if got is not None:
             return got
-        if op.kind in _PART:
-            pair, weight = _PART[op.kind]
+        kind = _INPUT_HALF.get(op.kind, op.kind) if MODULE_OF_KIND[op.kind] in frozen else op.kind
+        if kind in _PART:
+            pair, weight = _PART[kind]
             whole, share_field = _SPLIT_FIELDS[pair]
             share = _at(getattr(self, share_field), op.microbatch)
             return _at(getattr(self, whole), op.microbatch) * (share if weight else 1.0 - share)
-        return _at(getattr(self, KIND_FIELD[op.kind]), op.microbatch)
+        return _at(getattr(self, KIND_FIELD[kind]), op.microbatch)
 
     def activation_bytes(self, op: Op) -> float | None:
         """Bytes of activations that ``op``'s module keeps for microbatch ``op.microbatch``."""
@@ -155,6 +161,9 @@ class OpCosts:
             per_kind.setdefault(op.kind, []).append(d)
         mean = {k: statistics.fmean(v) for k, v in per_kind.items()}
         means = {KIND_FIELD[k]: v for k, v in mean.items() if k in KIND_FIELD}
+        for backward, forward in (("encoder_backward", "encoder_forward"), ("llm_backward", "llm_forward")):
+            if backward not in means and forward in means:  # a frozen step ran none: the default ratio
+                means[backward] = 2 * means[forward]
         for (inputs, weights), (whole, share) in _SPLIT_FIELDS.items():
             if inputs in mean and weights in mean and mean[inputs] + mean[weights] > 0:
                 means[whole] = mean[inputs] + mean[weights]

@@ -13,7 +13,8 @@ computes the text loss. Per microbatch ``j`` the chain is::
 plus ``F(s).j -> B(s).j`` on every stage (saved activations) and ``EF.j -> EB.j`` on the owner.
 A split backward (``I``/``W``, ``GI``/``GW``) runs the same chain with ``GI`` for ``G`` and ``I``
 for ``B``; each weight-gradient op reads only what its own rank kept: ``I(s).j -> W(s).j`` and
-``GI.j -> GW.j``.
+``GI.j -> GW.j``. Frozen modules drop ops (:func:`~lightning_bigmac.schedule.plan.step_kinds`), never
+a rule: an op that is not in the step has no consumer, so nothing is sent to it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from .plan import EB, EF, GI, GW, G, Op, Plan, step_ops
+from .plan import EB, EF, GI, GW, G, Op, Plan, StepKinds, step_kinds, step_ops
 from .plan import B as B_
 from .plan import F as F_
 from .plan import I as I_
@@ -43,7 +44,8 @@ class DataFlow:
     """Dependency rules for one pipeline of ``pp`` ranks x ``vpp`` chunks and its module owners.
 
     ``encoder_owner[j]`` / ``generator_owner[j]`` are the ranks that run microbatch ``j``'s
-    encoder and generator work (ignored when that module is absent from the step).
+    encoder and generator work (ignored when that module is absent from the step). ``frozen``
+    names the modules without a trainable parameter, as :attr:`Plan.frozen` does.
     """
 
     pp: int
@@ -55,6 +57,7 @@ class DataFlow:
     generator_owner: tuple[int, ...]
     forward_only: bool = False
     split_backward: bool = False
+    frozen: frozenset[str] = frozenset()
 
     @classmethod
     def of_plan(cls, plan: Plan) -> DataFlow:
@@ -65,8 +68,13 @@ class DataFlow:
 
         return cls(
             plan.pp, plan.vpp, plan.microbatches, plan.encoder, plan.generator,
-            owners("encoder"), owners("generator"), plan.forward_only, plan.split_backward,
+            owners("encoder"), owners("generator"), plan.forward_only, plan.split_backward, plan.frozen,
         )  # fmt: skip
+
+    @property
+    def kinds(self) -> StepKinds:
+        """The op kinds of the step (:func:`~lightning_bigmac.schedule.plan.step_kinds`)."""
+        return step_kinds(self.encoder, self.generator, self.forward_only, self.split_backward, self.frozen)
 
     @property
     def num_stages(self) -> int:
@@ -118,10 +126,7 @@ class DataFlow:
         """Every placed op a complete step must contain, each exactly once."""
         enc, gen = self.encoder_owner, self.generator_owner
         owner = {EF: enc, EB: enc, G: gen, GI: gen, GW: gen}
-        ops = step_ops(
-            self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only,
-            self.split_backward,
-        )  # fmt: skip
+        ops = step_ops(self.pp, self.vpp, self.microbatches, self.kinds.run)
         return [(owner[op.kind][op.microbatch] if r < 0 else r, op) for r, op in ops]
 
 

@@ -119,7 +119,7 @@ def replay(
         else:
             op = static[best][nxt[best]]
             nxt[best] += 1
-        end = best_start + costs.duration(best, op)
+        end = best_start + costs.duration(best, op, flow.frozen)
         free[best] = end
         done[(best, op)] = end
         out[best].append(Interval(best, op, best_start, end))

@@ -13,6 +13,12 @@ runs in *columns*, one microbatch of a group per rank (docs/schedules.md, "The n
   of encoder activations are alive per rank, whatever M.
 * ideal: every ``EF`` first and every ``EB`` last (unlimited memory, the compute reference).
 
+Frozen modules leave ops out (:func:`~lightning_bigmac.schedule.plan.step_kinds`). A frozen
+encoder has no ``EB`` column: stage 0 is done with group ``g``'s encoder outputs once it has run
+their forwards, which then release ``EF(g + W)`` (W bounds the encoder outputs in flight). Without
+LLM backwards (the LLM and the encoder frozen) the LLM order is the forwards alone, and the
+generator columns need no longer warm-up.
+
 The two knobs, W and the per-rank warm-up extension, are searched: a candidate is safe when
 the event replay finishes (every column is released only after its inputs exist, so the only
 way to stop is a dependency cycle) and the validator then proves the result independently.
@@ -40,7 +46,9 @@ class _Columns:
     def __init__(self, cfg: ScheduleConfig, owners: Sequence[int], warm_groups: int | None):
         self.cfg, self.owners, self.warm = cfg, owners, warm_groups
         self.last_fwd = [0] * cfg.groups  # last-stage forwards finished per group
-        self.first_bwd = [0] * cfg.groups  # stage-0 backwards finished per group
+        self.backward = EB in cfg.kinds.run
+        self.release = B if self.backward else F  # stage 0's last op that reads a group's encoder work
+        self.done = [0] * cfg.groups  # stage-0 ops of kind `release` finished per group
 
     def column(self, kind: str, g: int) -> list[tuple[int, Op]]:
         p = self.cfg.pp
@@ -53,10 +61,10 @@ class _Columns:
             self.last_fwd[g] += 1
             if self.last_fwd[g] == cfg.pp:
                 out += self.column(G, g)
-        if self.warm is not None and cfg.encoder and op.kind == B and rank == 0 and op.chunk == 0:
-            self.first_bwd[g] += 1
-            if self.first_bwd[g] == cfg.pp:
-                out += self.column(EB, g)
+        if self.warm is not None and cfg.encoder and op.kind == self.release and rank == 0 and op.chunk == 0:
+            self.done[g] += 1
+            if self.done[g] == cfg.pp:
+                out += self.column(EB, g) if self.backward else []
                 if g + self.warm < cfg.groups:
                     out += self.column(EF, g + self.warm)
         return out
@@ -70,9 +78,14 @@ def _extension(cfg: ScheduleConfig, spec: str | int | Sequence[int]) -> list[int
     return [int(x) for x in spec]
 
 
+def _lookahead(cfg: ScheduleConfig) -> bool:
+    """Whether the last stage's backwards wait for generator columns (which then need a longer warm-up)."""
+    return cfg.generator and B in cfg.kinds.run
+
+
 def _ideal_extension(cfg: ScheduleConfig) -> list[int]:
     """ideal's automatic warm-up: one group of look-ahead for the generator columns, none without."""
-    return [cfg.pp if cfg.generator else 0] * cfg.pp
+    return [cfg.pp if _lookahead(cfg) else 0] * cfg.pp
 
 
 class _Search:
@@ -95,8 +108,10 @@ class _Search:
     ) -> list[list[Interval]]:
         """Event-replay one candidate; ``warm=None`` means ideal (all EF first, all EB last)."""
         cfg = cfg or self.cfg
-        p, groups, owners = cfg.pp, cfg.groups, self.owners[: cfg.microbatches]
-        flow = DataFlow(p, cfg.vpp, cfg.microbatches, cfg.encoder, cfg.generator, owners, owners)
+        p, groups, owners, run = cfg.pp, cfg.groups, self.owners[: cfg.microbatches], cfg.kinds.run
+        flow = DataFlow(
+            p, cfg.vpp, cfg.microbatches, cfg.encoder, cfg.generator, owners, owners, frozen=cfg.frozen
+        )
         static = []
         for r in range(p):
             mine = [j for j in range(cfg.microbatches) if owners[j] == r]
@@ -105,8 +120,9 @@ class _Search:
                 if cfg.encoder
                 else []
             )
-            tail = [Op(EB, j) for j in mine] if cfg.encoder and warm is None else []
-            static.append(head + one_f_one_b_order(r, p, cfg.vpp, cfg.microbatches, ext[r]) + tail)
+            tail = [Op(EB, j) for j in mine] if EB in run and warm is None else []
+            llm = [op for op in one_f_one_b_order(r, p, cfg.vpp, cfg.microbatches, ext[r]) if op.kind in run]
+            static.append(head + llm + tail)
         return replay(static, flow, self.costs, _Columns(cfg, owners, warm))
 
     def safe(self, ext: Sequence[int], warm: int | None) -> bool:
@@ -137,7 +153,10 @@ class _Search:
         rows = self.full(ext, warm)
         knobs = {"llm_warmup": list(ext), "encoder_warmup": cfg.groups if warm is None else warm, **knobs}
         ranks = tuple(tuple(iv.op for iv in row) for row in rows)
-        return Plan(cfg.schedule, cfg.pp, cfg.vpp, cfg.microbatches, ranks, cfg.encoder, cfg.generator, knobs)
+        return Plan(
+            cfg.schedule, cfg.pp, cfg.vpp, cfg.microbatches, ranks, cfg.encoder, cfg.generator, knobs,
+            frozen=cfg.frozen,
+        )  # fmt: skip
 
 
 def smallest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
@@ -160,7 +179,7 @@ def _minimal_extension(search: _Search) -> list[int]:
     """
     cfg = search.cfg
     ext = [0] * cfg.pp
-    if not cfg.generator:
+    if not _lookahead(cfg):
         return ext
     ext = [cfg.pp] * cfg.pp
     if not search.safe(ext, None):
@@ -192,7 +211,7 @@ def build_nested(cfg: ScheduleConfig, costs: OpCosts) -> Plan:
     ideal = simulate(search.plan(_ideal_extension(cfg), None), costs, check=False).step_time
     rule = "within 2% of ideal"
     if spec == "auto":
-        if not cfg.generator:
+        if not _lookahead(cfg):
             ext = [0] * p
         else:
             floor = smallest(0, p, lambda k: search.safe([k] * p, None))

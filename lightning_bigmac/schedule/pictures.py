@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .plan import EB, EF, GI, GW, MODULES, B, F, G, I, W
+from .plan import EB, EF, GI, GW, MODULE_OF_KIND, MODULES, B, F, G, I, W
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -22,7 +22,7 @@ __all__ = ["draw_gantt", "draw_memory", "figure", "op_color", "save"]
 # The paper's palette: encoder yellow/orange, LLM forwards blue and backwards green (darker for
 # later chunks), generator red. A split backward keeps green for the input gradients (I) and draws
 # the deferred weight gradients (W) grey-violet, the generator's (GW) pink, so the bubbles they
-# fill stand out.
+# fill stand out. Ops of a frozen module are hatched: they compute no weight gradients.
 _FIXED = {EF: "#fff2a8", EB: "#f5a623", G: "#e0606e", GI: "#e0606e", GW: "#f4b6c2"}
 _BLUES = ["#8cc8f5", "#1f5fbf", "#5aa0e6", "#0b3a80"]
 _GREENS = ["#9ddc9a", "#1e7a2a", "#5cb85c", "#0c4f17"]
@@ -67,10 +67,12 @@ def _windows(sim: Simulation) -> list[tuple[float, float, str]]:
 
 def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> Path:
     """Write a Gantt chart (PNG, SVG or PDF by the file suffix): one row per rank, op cells labelled
-    with their microbatch. Long steps are drawn as two panels, the start and the end, as in the paper."""
+    with their microbatch. Long steps are drawn as two panels, the start and the end, as in the paper.
+    Ops of frozen modules are hatched and named so in the legend and the title."""
     from matplotlib.patches import Patch
 
     plan = sim.plan
+    hatch = {m: "///" if m in plan.frozen else None for m in MODULES}
     windows = _windows(sim)
     fig = figure(figsize=(18, 0.55 * plan.pp * len(windows) + 1.6))
     axes = fig.subplots(len(windows), 1, squeeze=False)
@@ -89,6 +91,7 @@ def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> P
                     color=color,
                     edgecolor="black",
                     lw=0.3,
+                    hatch=hatch[iv.op.module],
                 )
                 if (iv.end - iv.start) * width_per_unit >= 9:
                     dark = color in (_BLUES[1], _BLUES[3], _GREENS[1], _GREENS[3], _VIOLETS[1], _VIOLETS[3])
@@ -117,11 +120,17 @@ def draw_gantt(sim: Simulation, path: str | Path, title: str | None = None) -> P
         {(op.kind, op.chunk) for ops in plan.ranks for op in ops},
         key=lambda kc: rank_of[kc[0]] if kc[0] in rank_of else (1 + kc[1], order[kc[0]]),
     )
-    legend = [
-        Patch(color=op_color(k, c), label=names[k] + (f" (chunk {c})" if c >= 0 else "")) for k, c in present
-    ]
+    legend = []
+    for k, c in present:
+        label = names[k] + (f" (chunk {c})" if c >= 0 else "")
+        shade = hatch[MODULE_OF_KIND[k]]
+        legend.append(
+            Patch(facecolor=op_color(k, c), edgecolor="black", lw=0.3, hatch=shade,
+                  label=label + (" (frozen)" if shade else ""))
+        )  # fmt: skip
+    frozen = f", frozen {', '.join(m for m in MODULES if m in plan.frozen)}" if plan.frozen else ""
     fig.suptitle(
-        title or f"{plan.schedule}: pp={plan.pp} vpp={plan.vpp} microbatches={plan.microbatches}, "
+        title or f"{plan.schedule}: pp={plan.pp} vpp={plan.vpp} microbatches={plan.microbatches}{frozen}, "
         f"step time {sim.step_time:.4g}",
         y=0.99, fontsize=11,
     )  # fmt: skip

@@ -24,6 +24,14 @@ weight gradients, which have no consumer and can wait for a bubble:
 ``GW.<j>``     generator weight gradients of microbatch ``j``
 =============  ===========================================================================
 
+A plan may name *frozen* modules (``Plan.frozen``, a subset of ``encoder``, ``llm``, ``generator``):
+modules without a trainable parameter. A frozen module's ops compute no weight gradients, so the
+step drops every backward op that has nothing left to compute (:func:`step_kinds`): ``EB`` of a
+frozen encoder; ``B`` (or ``I`` and ``W``) when the LLM and everything upstream of it are frozen,
+only ``W`` when the LLM is frozen but the encoder trains (``I`` still carries the encoder's
+gradients); ``GW`` of a frozen generator. A forward whose activations no backward reads keeps
+nothing (the runtime runs it without autograd).
+
 LLM ops name a chunk, not a stage: chunk ``c`` on rank ``r`` is stage ``c * pp + r``, so the
 same string appears once on every rank. Encoder and generator ops appear once per step, on
 their owner's list.
@@ -35,6 +43,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,7 +63,9 @@ __all__ = [
     "Op",
     "Plan",
     "PlanFormatError",
+    "StepKinds",
     "W",
+    "step_kinds",
 ]
 
 F, B, EF, EB, G = "F", "B", "EF", "EB", "G"
@@ -108,21 +119,71 @@ class Op(NamedTuple):
         return cls(m["mod"], int(m["mb"]))
 
 
-def step_ops(
-    pp: int,
-    vpp: int,
-    microbatches: int,
-    encoder: bool,
-    generator: bool,
-    forward_only: bool = False,
-    split_backward: bool = False,
-) -> list[tuple[int, Op]]:
-    """Every op one step must contain, each once: LLM ops with their rank, encoder and generator ops
-    with rank -1 (they may run on any owner). A forward-only step has no ``B`` and no ``EB``; a
-    split backward has ``I`` and ``W`` for ``B``, ``GI`` and ``GW`` for ``G``."""
-    llm = (F,) if forward_only else ((F, I, W) if split_backward else (F, B))
-    module = ((EF,) if forward_only else (EF, EB)) if encoder else ()
-    module += ((GI, GW) if split_backward and not forward_only else (G,)) if generator else ()
+class StepKinds(NamedTuple):
+    """The op kinds one step runs, and which of them hold a unit of activations (see :func:`step_kinds`)."""
+
+    run: frozenset[str]
+    """Every op kind the step contains."""
+    opens: frozenset[str]
+    """Forward-side kinds (``F``, ``EF``, ``G``, ``GI``) whose graph a backward reads: they keep
+    their module's unit of activations. The others run without autograd and keep nothing."""
+    closes: frozenset[str]
+    """Kinds that free such a unit: the last op that reads it (``G``, or a ``GI`` without ``GW``,
+    frees its own)."""
+    records: frozenset[str]
+    """Kinds that run with autograd recording: ``opens`` and every backward-side kind."""
+
+
+_FORWARD_SIDE = frozenset({F, EF, G, GI})
+
+
+@lru_cache(maxsize=64)
+def step_kinds(
+    encoder: bool, generator: bool, forward_only: bool, split_backward: bool, frozen: frozenset[str]
+) -> StepKinds:
+    """What a step of these modules runs. A module *trains* when it is in the step and not frozen
+    (nothing trains in a forward-only step); its ops run a backward when it trains or, for the LLM
+    and the generator, when the module feeding them runs one (gradients pass through a frozen
+    module to the trainable one upstream)."""
+    trains = {m for m, on in zip(MODULES, (encoder, True, generator), strict=True) if on and m not in frozen}
+    if forward_only:
+        trains = set()
+    back = {"encoder"} & trains
+    if "llm" in trains or back:
+        back.add("llm")
+    if "generator" in trains or "llm" in back:
+        back.add("generator")
+    run, opens, closes = {F}, set(), set()
+    if encoder:
+        run.add(EF)
+        if "encoder" in back:
+            run.add(EB)
+            opens.add(EF)
+            closes.add(EB)
+    if "llm" in back:
+        llm = ({I, W} if "llm" in trains else {I}) if split_backward else {B}
+        run |= llm
+        opens.add(F)
+        closes.add(W if W in llm else I if split_backward else B)
+    if generator:
+        gen = ({GI, GW} if "generator" in trains else {GI}) if split_backward else {G}
+        run |= gen
+        if "generator" in back:
+            opens.add(GI if split_backward else G)
+            closes.add(GW if GW in gen else GI if split_backward else G)
+    records = opens | (run - _FORWARD_SIDE)
+    return StepKinds(frozenset(run), frozenset(opens), frozenset(closes), frozenset(records))
+
+
+_ORDER = (EF, EB, G, GI, GW, F, B, I, W)
+
+
+def step_ops(pp: int, vpp: int, microbatches: int, kinds: frozenset[str]) -> list[tuple[int, Op]]:
+    """Every op one step of ``kinds`` (:attr:`StepKinds.run`) must contain, each once: LLM ops with
+    their rank, encoder and generator ops with rank -1 (they may run on any owner)."""
+    present = [k for k in _ORDER if k in kinds]
+    module = [k for k in present if k not in LLM_KINDS]
+    llm = [k for k in present if k in LLM_KINDS]
     ops: list[tuple[int, Op]] = []
     for j in range(microbatches):
         ops += [(-1, Op(k, j)) for k in module]
@@ -156,21 +217,29 @@ class Plan:
     """Evaluation step: forwards (and generator losses) only, no ``B``/``EB`` ops, nothing kept."""
     split_backward: bool = False
     """Zero-bubble step: ``I``/``W`` ops instead of ``B``, ``GI``/``GW`` instead of ``G``."""
+    frozen: frozenset[str] = frozenset()
+    """Modules without a trainable parameter (of ``encoder``, ``llm``, ``generator``): the step
+    runs no backward op that would compute nothing (:func:`step_kinds`)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(_ops(r) for r in self.ranks))
+        object.__setattr__(self, "frozen", frozenset(self.frozen))
+        if not self.frozen <= set(MODULES):
+            raise PlanFormatError(f"frozen={sorted(self.frozen)}: name modules among {', '.join(MODULES)}")
         if len(self.ranks) != self.pp:
             raise PlanFormatError(f"plan has {len(self.ranks)} rank lists but pp={self.pp}")
         if self.forward_only and self.split_backward:
             raise PlanFormatError("a forward-only plan has no backward to split: set split_backward=False")
 
     # ---- derived views -------------------------------------------------------------------
+    @property
+    def kinds(self) -> StepKinds:
+        """The op kinds this step runs and which of them keep activations (:func:`step_kinds`)."""
+        return step_kinds(self.encoder, self.generator, self.forward_only, self.split_backward, self.frozen)
+
     def step_ops(self) -> list[tuple[int, Op]]:
         """Every op this step must contain (see :func:`step_ops`)."""
-        return step_ops(
-            self.pp, self.vpp, self.microbatches, self.encoder, self.generator, self.forward_only,
-            self.split_backward,
-        )  # fmt: skip
+        return step_ops(self.pp, self.vpp, self.microbatches, self.kinds.run)
 
     def owners(self, module: str) -> list[int | None]:
         """Rank that runs each microbatch's ``encoder`` or ``generator`` work (None if absent)."""
@@ -216,12 +285,14 @@ class Plan:
         head = (
             f"{self.schedule} plan: pp={self.pp} vpp={self.vpp} microbatches={self.microbatches} "
             f"encoder={self.encoder} generator={self.generator}"
+            + (f" frozen={','.join(sorted(self.frozen))}" if self.frozen else "")
         )
         return head + "\n" + self.table(max_ops=48)
 
     # ---- JSON exchange format ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         split = {"split_backward": True} if self.split_backward else {}  # absent: False
+        frozen = {"frozen": sorted(self.frozen)} if self.frozen else {}  # absent: nothing frozen
         return {
             "format": FORMAT_VERSION,
             "schedule": self.schedule,
@@ -233,13 +304,14 @@ class Plan:
             "knobs": dict(self.knobs),
             "forward_only": self.forward_only,
             **split,
+            **frozen,
             "ranks": [[str(o) for o in ops] for ops in self.ranks],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         """Read the exchange format; ``encoder``/``generator``/``split_backward`` default to whether
-        such ops appear."""
+        such ops appear, ``frozen`` to nothing frozen."""
         missing = [k for k in ("schedule", "pp", "vpp", "microbatches", "ranks") if k not in data]
         if missing:
             raise PlanFormatError(f"plan JSON lacks key(s) {missing}; see docs/plan-format.md")
@@ -256,6 +328,7 @@ class Plan:
             knobs=dict(data.get("knobs", {})),
             forward_only=bool(data.get("forward_only", False)),
             split_backward=bool(data.get("split_backward", bool(kinds & SPLIT_KINDS))),
+            frozen=frozenset(data.get("frozen", ())),
         )
 
     def to_json(self, **extra: Any) -> str:

@@ -7,7 +7,9 @@ module's unit when it starts (F, EF, G, GI) and frees it when it ends (B, EB, G,
 backward W and GW: the weight gradients need the activations, so the input-gradient ops I and
 GI free nothing). Because ops on a
 rank run one after another, the peaks depend only on each rank's op order, not on durations.
-A forward-only (evaluation) plan keeps nothing: its peaks are 0.
+A forward that no backward reads keeps nothing (:attr:`~lightning_bigmac.schedule.plan.StepKinds.opens`):
+a forward-only (evaluation) plan's peaks are 0, and so are a frozen encoder's; a frozen LLM's
+units are freed at ``I`` when the step has no ``W``, a frozen generator's at the end of ``GI``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,10 @@ from functools import cached_property
 from .costs import OpCosts
 from .dataflow import DataFlow
 from .engine import Interval, replay
-from .plan import EB, EF, GI, GW, LLM_KINDS, MODULES, B, F, G, Plan, W
+from .plan import LLM_KINDS, MODULES, Plan
 from .validate import validate
 
 __all__ = ["Simulation", "lower_bound", "simulate"]
-
-_ALLOCATES = {F, EF, G, GI}
-_FREES = {B, EB, G, W, GW}
 
 
 def lower_bound(plan: Plan, costs: OpCosts) -> float:
@@ -38,9 +37,9 @@ def lower_bound(plan: Plan, costs: OpCosts) -> float:
     for r, ops in enumerate(plan.ranks):
         for op in ops:
             if op.kind in LLM_KINDS:
-                llm[r] += costs.duration(r, op)
+                llm[r] += costs.duration(r, op, plan.frozen)
             else:
-                shared += costs.duration(r, op)
+                shared += costs.duration(r, op, plan.frozen)
     return max(llm) + shared / plan.pp
 
 
@@ -72,8 +71,7 @@ class Simulation:
         return lower_bound(self.plan, self.costs)
 
     def _live(self, module: str, weight) -> tuple[float, ...]:
-        if self.plan.forward_only:  # an evaluation step keeps nothing for a backward
-            return (0.0,) * self.plan.pp
+        kinds = self.plan.kinds
         peaks = []
         for ops in self.plan.ranks:
             live = peak = 0.0
@@ -81,10 +79,10 @@ class Simulation:
                 if op.module != module:
                     continue
                 w = weight(op)
-                if op.kind in _ALLOCATES:
+                if op.kind in kinds.opens:
                     peak = max(peak, live + w)
                     live += w
-                if op.kind in _FREES:
+                if op.kind in kinds.closes:
                     live -= w
             peaks.append(peak)
         return tuple(peaks)
@@ -103,17 +101,17 @@ class Simulation:
 
     def live_over_time(self, module: str) -> list[tuple[list[float], list[float]]]:
         """Per rank, a step function ``(times, live units)`` of ``module``'s activations."""
-        curves = []
+        curves, kinds = [], self.plan.kinds
         for row in self.intervals:
             times, counts, live = [0.0], [0.0], 0.0
             for iv in row:
                 if iv.op.module != module:
                     continue
-                if iv.op.kind in _ALLOCATES:
+                if iv.op.kind in kinds.opens:
                     live += 1
                     times.append(iv.start)
                     counts.append(live)
-                if iv.op.kind in _FREES:
+                if iv.op.kind in kinds.closes:
                     live -= 1
                     times.append(iv.end)
                     counts.append(live)

@@ -2,7 +2,9 @@
 
 A plan is *complete* when every op of the step appears exactly once, on a legal rank, and the
 encoder work of a microbatch (forward and backward) stays on one rank, as does a split
-generator's (``GI`` and ``GW``). It is *deadlock-free*
+generator's (``GI`` and ``GW``). The step's ops are those its modules need: a plan with frozen
+modules must leave out the backward ops they make pointless (``EB`` of a frozen encoder, ...:
+:func:`~lightning_bigmac.schedule.plan.step_kinds`). It is *deadlock-free*
 when the graph of program order on each rank plus the data dependencies of
 :mod:`~lightning_bigmac.schedule.dataflow` is acyclic: then any op durations give a valid
 execution, provided sends do not block the sender (the runtime's sends are asynchronous).
@@ -68,6 +70,11 @@ def _check_complete(plan: Plan) -> None:
                 problem = "the plan says split_backward=False: its backward ops are B and G"
             elif op.kind in (B, G) and plan.split_backward:
                 problem = "the plan says split_backward=True: its backward ops are I and W, GI and GW"
+            elif op.kind not in plan.kinds.run:
+                problem = (
+                    f"the plan says frozen={','.join(sorted(plan.frozen))}, which leaves nothing for "
+                    f"{op.kind} ops to compute"
+                )
             if problem:
                 raise PlanError(f"{op} on {where}: {problem}", plan, [(r, op)])
             key = (r, op) if op.kind in LLM_KINDS else (-1, op)
@@ -84,8 +91,8 @@ def _check_complete(plan: Plan) -> None:
         shown = ", ".join(f"{op}" + (f" on rank {r}" if r >= 0 else "") for r, op in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise PlanError(f"incomplete plan: missing {shown}{more}", plan)
-    pairs = [(EF, EB)] if plan.encoder and not plan.forward_only else []
-    pairs += [(GI, GW)] if plan.generator and plan.split_backward else []
+    run = plan.kinds.run
+    pairs = [(first, then) for first, then in ((EF, EB), (GI, GW)) if then in run]
     for first, then in pairs:
         for j in range(plan.microbatches):
             (r0, _), (r1, _) = seen[(-1, Op(first, j))], seen[(-1, Op(then, j))]

@@ -64,18 +64,19 @@ do not depend on M, and the search stays fast at any M."""
 class _Rank:
     """One rank's queues and live microbatch counts during a replay."""
 
-    def __init__(self, rank: int, cfg: ScheduleConfig, owners: Sequence[int], llm_cap: int):
+    def __init__(self, rank: int, cfg: ScheduleConfig, owners: Sequence[int], llm_cap: int, ops: int):
         self.fwd = llm_sequence(F, cfg.pp, cfg.vpp, cfg.microbatches)
-        self.bwd = llm_sequence(I, cfg.pp, cfg.vpp, cfg.microbatches)
+        self.bwd = llm_sequence(I, cfg.pp, cfg.vpp, cfg.microbatches) if I in cfg.kinds.run else []
         mine = [j for j in range(cfg.microbatches) if owners[j] == rank]
         self.encoder = [Op(EF, j) for j in mine] if cfg.encoder else []
+        self.opens, self.closes = cfg.kinds.opens, cfg.kinds.closes
         self.nf = self.nb = self.ne = 0
         self.columns: list[Op] = []  # GI ops whose hidden states are on their way
         self.deferred: deque[Op] = deque()  # W, GW, EB whose inputs are on their way, oldest first
         self.live = {"llm": 0, "encoder": 0, "generator": 0}
         self.llm_cap = llm_cap
         self.free_at = 0.0
-        self.left = 3 * len(self.fwd) + 2 * len(self.encoder) + (2 * len(mine) if cfg.generator else 0)
+        self.left = ops
 
     def take(self, op: Op) -> None:
         """Move ``op`` off its queue and book its memory. An op allocates when it starts and frees
@@ -91,10 +92,7 @@ class _Rank:
             self.columns.remove(op)
         else:
             self.deferred.remove(op)
-            self.live[op.module] -= 1
-            return
-        if kind != I:
-            self.live[op.module] += 1
+        self.live[op.module] += (kind in self.opens) - (kind in self.closes)
 
 
 class _Greedy:
@@ -104,11 +102,12 @@ class _Greedy:
         self.cfg, self.owners, self.costs = cfg, tuple(owners), costs
         self.flow = DataFlow(
             cfg.pp, cfg.vpp, cfg.microbatches, cfg.encoder, cfg.generator, self.owners, self.owners,
-            split_backward=True,
+            split_backward=True, frozen=cfg.frozen,
         )  # fmt: skip
         placed = self.flow.all_ops()
+        self.ops_of = [sum(r == rank for r, _ in placed) for rank in range(cfg.pp)]
         self.inputs = {op: len(self.flow.producers(*op)) for op in placed}
-        self.duration = {op: costs.duration(*op) for op in placed}
+        self.duration = {op: costs.duration(*op, cfg.frozen) for op in placed}
         self._runs: dict[tuple[int, int], list[list[Interval]] | Deadlock] = {}
 
     def run(self, held: int, deferral: int) -> list[list[Interval]]:
@@ -134,8 +133,8 @@ class _Greedy:
     def _replay(self, held: int, deferral: int) -> list[list[Interval]]:
         cfg, flow, latency, p = self.cfg, self.flow, self.costs.latency, self.cfg.pp
         ranks = [
-            _Rank(r, cfg, self.owners, megatron_warmup(r, p, cfg.vpp, cfg.microbatches) + 1 + deferral)
-            for r in range(p)
+            _Rank(r, cfg, self.owners, megatron_warmup(r, p, cfg.vpp, cfg.microbatches) + 1 + deferral, n)
+            for r, n in enumerate(self.ops_of)
         ]
         ready: dict[PlacedOp, float] = {k: 0.0 for k, n in self.inputs.items() if n == 0}
         waiting: dict[PlacedOp, tuple[int, float]] = {}  # producers not run yet, latest arrival
@@ -220,8 +219,8 @@ def _blocked(me: _Rank, ready: dict[PlacedOp, float], flow: DataFlow, rank: int)
 
 
 def _ceiling(cfg: ScheduleConfig, costs: OpCosts) -> int:
-    """bigmac's W for ``cfg`` (its encoder memory), or pp for a step without an encoder."""
-    if not cfg.encoder:
+    """bigmac's W for ``cfg`` (its encoder memory), or pp for a step without encoder backwards."""
+    if EB not in cfg.kinds.run:
         return cfg.pp
     bigmac = replace(cfg, schedule="bigmac", held_columns=None, weight_deferral=None)
     return int(build_nested(bigmac, costs).knobs["encoder_warmup"])
@@ -273,5 +272,5 @@ def build_zero_bubble(cfg: ScheduleConfig, costs: OpCosts) -> Plan:
     ranks = tuple(tuple(iv.op for iv in row) for row in rows)
     return Plan(
         cfg.schedule, p, cfg.vpp, cfg.microbatches, ranks, cfg.encoder, cfg.generator, knobs,
-        split_backward=True,
+        split_backward=True, frozen=cfg.frozen,
     )  # fmt: skip

@@ -11,7 +11,6 @@ between steps and makes the calls a step does not: the strategy's collectives an
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -22,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 from lightning_bigmac.runtime import PeerError, PipelineExecutor, PipelineGroups, Transport
-from lightning_bigmac.runtime.collectives import barrier
+from lightning_bigmac.runtime.collectives import barrier, gather_object
 from lightning_bigmac.runtime.receiving import RECEIVING_THREAD
 from lightning_bigmac.strategy import BigMacStrategy
 
+from .faults import SIGNALS
 from .scenarios import build_case_plan, case_microbatches
 from .tiny_mllm import TinyMLLM
 
@@ -38,9 +38,9 @@ HOW = ("kill", "stop", "raise")
 STILL_RECEIVING = "receiving threads still running:"
 """Starts the note a failed rank adds to its error: a script would leave them to the interpreter's
 teardown, and one that returns from gloo then aborts the process."""
-CALLS = ("barrier", "broadcast", "reduce", "send")
-"""What :func:`call_after_loss` tries: the strategy's three collectives and a transport send."""
-_SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+CALLS = ("barrier", "broadcast", "reduce", "gather", "send")
+"""What :func:`call_after_loss` tries: the strategy's three collectives, the object gather of the
+profiler and of ``full_state_dict``, and a transport send."""
 
 
 def lose_rank_mid_step(rank: int, pp: int, dp: int, victim: int, how: str, timeout: float, out: str) -> None:
@@ -81,7 +81,7 @@ def _striker(how: str, fault: Path) -> Callable[[torch.nn.Module, Any], None]:
         fault.write_text(repr(time.time()))
         if how == "raise":
             raise ValueError("a block refused its input")
-        os.kill(os.getpid(), _SIGNALS[how])
+        os.kill(os.getpid(), SIGNALS[how])
 
     return strike
 
@@ -100,12 +100,13 @@ def call_after_loss(rank: int, how: str, calls: tuple[str, ...], timeout: float)
     transport.connect()
     strategy.barrier("set-up")
     if rank == 1:
-        os.kill(os.getpid(), _SIGNALS[how])
+        os.kill(os.getpid(), SIGNALS[how])
     time.sleep(0.5)  # time for the loss to reach rank 0's connections
     made = {
         "barrier": lambda: strategy.barrier("after the loss"),
         "broadcast": lambda: strategy.broadcast({"plan": "new"}),
         "reduce": lambda: strategy.reduce(torch.ones(2)),
+        "gather": lambda: gather_object({}, 0, None, strategy._watch(), "a gather", torch.device("cpu")),
         "send": lambda: (transport.send(torch.ones(3), 1, 1, what="F1.0"), transport.flush()),
     }
     results: dict[str, Any] = {}

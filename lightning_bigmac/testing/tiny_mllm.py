@@ -9,6 +9,9 @@ A microbatch is one packed sequence, a dict of tensors::
 
 The LLM sees ``n * patches`` image positions followed by ``S`` text positions. The generator
 reads the last stage's hidden states at the image positions and regresses ``gen_target``.
+Two variants exercise contract options: ``TinyConfig(rotary=True)`` gives the LLM blocks rotary
+positions from a stage context (:class:`RotaryContext`), ``TinyConfig(tied=True)`` ties the LM
+head's weight to the token embedding.
 :meth:`TinyMLLM.reference_loss` computes the step loss in one process, the same formula as the
 pipeline runtime (:mod:`lightning_bigmac.runtime.parts`), so gradients can be compared exactly.
 """
@@ -26,7 +29,7 @@ from torch import nn
 from lightning_bigmac.contract import reference_loss
 from lightning_bigmac.runtime.parts import LossWeights, PipelineParts
 
-__all__ = ["TinyConfig", "TinyMLLM", "make_microbatches"]
+__all__ = ["RotaryContext", "TinyConfig", "TinyMLLM", "make_microbatches"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,10 +47,39 @@ class TinyConfig:
     patch_dim: int = 12
     max_len: int = 96
     """Longest packed sequence (image positions + text tokens)."""
+    rotary: bool = False
+    """LLM blocks take rotary tables from the stage context (``PipelineParts.context``)."""
+    tied: bool = False
+    """The LM head's weight is the token embedding's (tied embeddings)."""
+
+
+class RotaryContext(nn.Module):
+    """Stage context of the rotary variant: ``{"cos", "sin"}`` ``[L, head_dim / 2]`` at positions
+    ``0..L-1`` of the hidden state, from an ``inv_freq`` buffer; counts how often it is built."""
+
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        half = cfg.dim // cfg.heads // 2
+        self.register_buffer("inv_freq", 10000.0 ** (-torch.arange(half) / half), persistent=False)
+        self.calls = 0
+
+    def forward(self, h: torch.Tensor, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        angles = (
+            torch.arange(h.shape[-2], device=h.device, dtype=self.inv_freq.dtype)[:, None] * self.inv_freq
+        )
+        return {"cos": angles.cos().to(h.dtype), "sin": angles.sin().to(h.dtype)}
+
+
+def _rotate(x: torch.Tensor, ctx: dict[str, torch.Tensor]) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2, cos, sin = x[..., :half], x[..., half:], ctx["cos"], ctx["sin"]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; causal for the LLM, bidirectional within an image for the encoder."""
+    """Pre-norm transformer block; causal for the LLM, bidirectional within an image for the encoder;
+    with a context (:class:`RotaryContext`) it rotates queries and keys."""
 
     def __init__(self, dim: int, heads: int, causal: bool):
         super().__init__()
@@ -56,11 +88,13 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         *batch, length, dim = h.shape  # [..., L, D]
         q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
         heads = self.heads
         q, k, v = (t.reshape(*batch, length, heads, dim // heads).transpose(-2, -3) for t in (q, k, v))
+        if ctx is not None:
+            q, k = _rotate(q, ctx), _rotate(k, ctx)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [..., heads, L, D/heads]
         h = h + self.proj(a.transpose(-2, -3).reshape(*batch, length, dim))
         return h + self.mlp(self.norm2(h))
@@ -156,6 +190,9 @@ class TinyMLLM(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, causal=True) for _ in range(cfg.layers))
             self.head = Head(cfg)
             self.generator = Generator(cfg)
+        if cfg.tied:
+            self.head.out.weight = self.embedding.tokens.weight
+        self.context = RotaryContext(cfg) if cfg.rotary else None
 
     def parts(self) -> PipelineParts:
         return PipelineParts(
@@ -167,6 +204,7 @@ class TinyMLLM(nn.Module):
             generator=self.generator,
             generator_targets=_generator_targets,
             eval_outputs=self.head.predict,
+            context=self.context,
         )
 
     def reference_loss(

@@ -14,6 +14,7 @@ from examples.mllm.model import segment_attention
 from examples.mllm.sources import Record, records
 from examples.mllm.tokens import GEN
 from lightning_bigmac import check_contract
+from lightning_bigmac.runtime.parts import run_blocks
 
 
 def _mixed() -> list[Record]:
@@ -35,10 +36,8 @@ def test_shapes_through_every_part(tiny_model: ModelConfig) -> None:
     n_patches, n_tokens = len(mb["patches"]), len(mb["tokens"])
     enc = parts.encoder(mb)
     assert enc["features"].shape == (n_patches, tiny_model.encoder_dim)
-    hidden = parts.embedding(mb, enc)
-    for block in parts.blocks:
-        hidden = block(hidden)
-    assert hidden["h"].shape == (n_tokens, tiny_model.dim)
+    hidden = run_blocks(parts.blocks, parts.embedding(mb, enc), mb, parts.context)
+    assert hidden.shape == (n_tokens, tiny_model.dim)
     answers = [r.meta["answer"].split() for r in samples if r.meta["answer"]]
     assert parts.text_targets(mb) == sum(len(a) + 1 for a in answers)  # the answer words and <eos>
     assert parts.generator_targets(mb) == int((mb["tokens"] == GEN).sum()) * tiny_model.patch_dim
@@ -71,9 +70,7 @@ def test_pack_loss_is_the_sum_of_its_samples_alone(tiny_model: ModelConfig) -> N
             k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
             for k, v in collate(group, tiny_model, seed=3).items()
         }
-        hidden = parts.embedding(mb, parts.encoder(mb))
-        for block in parts.blocks:
-            hidden = block(hidden)
+        hidden = run_blocks(parts.blocks, parts.embedding(mb, parts.encoder(mb)), mb, parts.context)
         return parts.head(hidden, mb), parts.generator(hidden, mb)
 
     text, gen = losses(samples)

@@ -95,7 +95,8 @@ def test_strategy_collectives_and_sends_name_the_lost_rank(how: str) -> None:
         assert f"rank 1 {NAMED[how]}" in error, (call, error)
         assert seconds < 2 * TIMEOUT, (call, seconds)
     for call in calls:
-        what = "a transport send" if call == "send" else f"the strategy's {call}"
+        whats = {"send": "a transport send", "gather": "an object gather (profiler, full state dict)"}
+        what = whats.get(call, f"the strategy's {call}")
         record(
             f"{SIGNAL[how]} of a peer, then {what}, P=2",
             f'PeerError "... rank 1 {NAMED[how]}"',

@@ -7,11 +7,13 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+from typing import Any
 
 import pytest
 import torch
 
 from lightning_bigmac.runtime import OpEvent, OpProfiler, chrome_trace, cost_profile, transfer_latency
+from lightning_bigmac.runtime.profiler import DeviceClock, device_clock
 from lightning_bigmac.schedule import Op, OpCosts, Plan, build_plan, simulate
 from lightning_bigmac.testing.scenarios import skewed_clocks
 from lightning_bigmac.testing.spawn import run
@@ -102,3 +104,40 @@ def test_ops_are_named_in_a_torch_profiler_trace_only_while_one_records() -> Non
         torch.ones(4).sum()
     assert "B0.1" in {e.key for e in prof.key_averages()}
     assert [e.op for e in profiler.events] == ["F0.1", "B0.1"]
+
+
+class _DeviceTimeline:
+    """A stand-in for a GPU: its own timeline, which ops advance while the host returns at once."""
+
+    def __init__(self) -> None:
+        self.now, self.syncs = 0.0, 0
+
+    def event(self) -> Any:
+        timeline = self
+
+        class Event:
+            def record(self) -> None:
+                self.t = timeline.now
+
+            def elapsed_time(self, other: Any) -> float:
+                return (other.t - self.t) * 1000.0
+
+        return Event()
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+
+def test_a_device_clock_times_ops_on_the_device_timeline_not_the_hosts() -> None:
+    assert device_clock(torch.device("cpu")) is None  # on CPU the host clock is the device's
+    gpu = _DeviceTimeline()
+    profiler = OpProfiler(0, clock=DeviceClock(gpu.event, gpu.synchronize))
+    gpu.now = 5.0
+    profiler.start_step()
+    for name, work in (("F0.0", 0.25), ("B0.0", 0.5)):
+        with profiler.op(Op.parse(name)):
+            gpu.now += work  # the device runs the op's kernels; the host returns at once
+    syncs = gpu.syncs
+    assert [(e.op, e.start, e.end) for e in profiler.events] == [("F0.0", 0.0, 0.25), ("B0.0", 0.25, 0.75)]
+    assert gpu.syncs == syncs + 1  # the marks are read with one synchronisation
+    assert len(profiler.events) == 2 and gpu.syncs == syncs + 1  # and only once

@@ -44,8 +44,8 @@ def test_parts_reject_shared_parameters_and_missing_counters() -> None:
     head.weight = nn.Parameter(torch.zeros(4, 2))
     tied = nn.Linear(2, 4)
     tied.weight = emb.weight
-    with pytest.raises(ValueError, match="must not share parameters"):
-        PipelineParts(embedding=emb, blocks=[nn.Linear(2, 2)], head=tied, text_targets=len)
+    with pytest.raises(ValueError, match="must not share parameters"):  # only embedding and head may
+        PipelineParts(embedding=emb, blocks=[tied], head=head, text_targets=len)
     with pytest.raises(ValueError, match="generator_targets"):
         PipelineParts(
             embedding=emb, blocks=[nn.Linear(2, 2)], head=head, text_targets=len, generator=nn.Linear(2, 2)

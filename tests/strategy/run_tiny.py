@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 import lightning_bigmac
-from lightning_bigmac.testing.faults import die_in_save
+from lightning_bigmac.testing.faults import strike_in_save
 from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule
 
 
@@ -84,7 +84,7 @@ def main() -> None:
             ModelCheckpoint(dirpath=args.ckpt_dir, every_n_epochs=1, save_top_k=-1, save_last=args.save_last)
         )
     if args.die_in_save is not None:
-        die_in_save(rank=args.devices - 1, save=args.die_in_save)
+        strike_in_save(rank=args.devices - 1, save=args.die_in_save)
     trainer = pl.Trainer(
         strategy=strategy, accelerator="cpu", devices=args.devices, max_epochs=args.epochs,
         gradient_clip_val=args.clip, precision=args.precision, logger=False,

@@ -165,10 +165,10 @@ def test_split_batch_cuts_tensor_batches_and_keeps_pre_split_ones():
 
 def test_pipeline_parts_reject_shared_parameters():
     embed = torch.nn.Embedding(4, 4)
-    head = torch.nn.Linear(4, 4)
-    head.weight = embed.weight
+    block = torch.nn.Linear(4, 4)
+    block.weight = embed.weight  # only the embedding and the head may share (tied embeddings)
     with pytest.raises(ValueError, match="must not share parameters"):
-        PipelineParts(embedding=embed, blocks=[torch.nn.Identity()], head=head, text_targets=len)
+        PipelineParts(embedding=embed, blocks=[block], head=torch.nn.Linear(4, 4), text_targets=len)
 
 
 class _Rotary(torch.nn.Module):

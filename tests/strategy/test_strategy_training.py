@@ -30,9 +30,10 @@ def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def run_tiny(tmp_path: Path, name: str, *args: str) -> dict:
+def run_tiny(tmp_path: Path, name: str, *args: str, script: str = "run_tiny.py") -> dict:
+    """Run ``script`` (a runner in tests/strategy) with ``args``; the JSON rank 0 wrote to ``--out``."""
     out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, str(HERE / "run_tiny.py"), *args, "--out", str(out)]
+    cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
     proc = run(cmd, tmp_path)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
@@ -160,9 +161,13 @@ def test_lightning_cli_fit_with_the_sample_yaml(tmp_path):
 NOTEBOOK = """
 import torch, lightning.pytorch as pl
 import lightning_bigmac
-from lightning_bigmac.testing.tiny_module import TinyDataModule, TinyMLLMModule
+from lightning_bigmac.testing.contract_cases import TiedMLLMModule
+from lightning_bigmac.testing.tiny_module import TinyDataModule
 pl.seed_everything(0)
-module = TinyMLLMModule()
+module = TiedMLLMModule()
+def shared(m):  # parameters named twice (the tied embedding and head)
+    return len(list(m.named_parameters(remove_duplicate=False))) - len(list(m.parameters()))
+tied = shared(module)
 before = {k: v.clone() for k, v in module.state_dict().items()}
 trainer = pl.Trainer(strategy="bigmac_notebook", accelerator="cpu", devices=2, max_steps=3, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
@@ -170,7 +175,7 @@ trainer.fit(module, TinyDataModule(steps=3, microbatches=4))
 after = module.state_dict()
 meta = sum(v.is_meta for v in after.values())
 changed = sum(not torch.equal(before[k], after[k]) for k in before)
-print("RESULT", meta, changed, len(before))
+print("RESULT", meta, changed, len(before), tied, shared(module))
 """
 
 
@@ -178,8 +183,9 @@ def test_notebook_launcher_from_an_interactive_process_returns_every_stage(tmp_p
     # `python -i` makes Lightning see an interactive session, as in Jupyter: only fork launchers are allowed
     proc = run([sys.executable, "-i", "-c", NOTEBOOK], tmp_path, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    meta, changed, total = map(int, proc.stdout.split("RESULT")[1].split())
+    meta, changed, total, tied_before, tied_after = map(int, proc.stdout.split("RESULT")[1].split())
     assert meta == 0 and changed == total  # the notebook's module holds every trained stage
+    assert tied_before == tied_after == 1  # and its tied embedding is still one parameter
 
 
 def test_torchrun_launch(tmp_path):
