@@ -30,6 +30,7 @@ from transformers import (
 from lightning_bigmac.batches import Microbatches
 from lightning_bigmac.strategy import BigMacStrategy
 
+from .collate import collate_processed
 from .module import HFVLMModule
 
 __all__ = ["TINY_FAMILIES", "fit_layouts", "fit_tiny", "tiny_config", "tiny_microbatches", "tiny_steps"]
@@ -103,27 +104,23 @@ def _sample(family: str, gen: torch.Generator, images: int, video: bool) -> dict
 
 
 def _collate(family: str, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    length = max(len(s["ids"]) for s in samples)
-    input_ids = torch.zeros(len(samples), length, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, s in enumerate(samples):
-        input_ids[i, : len(s["ids"])] = torch.tensor(s["ids"])
-        attention_mask[i, : len(s["ids"])] = 1
-    labels = input_ids.masked_fill((attention_mask == 0) | (input_ids >= _IMAGE), -100)
-    labels[:, :2] = -100  # the prompt start is not trained on
-    mb: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    pixels = [p for s in samples for p in s["pixels"]]
-    if pixels:
-        mb["pixel_values"] = torch.cat(pixels)
-    if not family.startswith("llava-"):
-        mb["mm_token_type_ids"] = (input_ids == _IMAGE).long() + 2 * (input_ids == _VIDEO).long()
-        if pixels:
-            mb["image_grid_thw"] = torch.tensor([g for s in samples for g in s["grids"]])
-        videos = [v for s in samples for v in s["video"]]
-        if videos:
-            mb["pixel_values_videos"] = torch.cat(videos)
-            mb["video_grid_thw"] = torch.tensor([_VIDEO_GRID] * len(videos))
-    return mb
+    processed = []
+    for s in samples:
+        ids = torch.tensor(s["ids"])
+        labels = ids.masked_fill(ids >= _IMAGE, -100)
+        labels[:2] = -100  # the prompt start is not trained on
+        one = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        if s["pixels"]:
+            one["pixel_values"] = torch.cat(s["pixels"])
+        if not family.startswith("llava-"):
+            one["mm_token_type_ids"] = (ids == _IMAGE).long() + 2 * (ids == _VIDEO).long()
+            if s["grids"]:
+                one["image_grid_thw"] = torch.tensor(s["grids"])
+            if s["video"]:
+                one["pixel_values_videos"] = torch.cat(s["video"])
+                one["video_grid_thw"] = torch.tensor([_VIDEO_GRID] * len(s["video"]))
+        processed.append(one)
+    return collate_processed(processed, pad_token_id=0)
 
 
 def tiny_microbatches(family: str, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

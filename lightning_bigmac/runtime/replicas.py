@@ -22,27 +22,11 @@ from .executor import PipelineExecutor
 from .grad_sync import DEFAULT_BUCKET_BYTES, buckets, tied_parameters
 from .watch import PeerWatch
 
-__all__ = ["broadcast_module", "equalise_replicas"]
-
-
-def broadcast_module(
-    module: nn.Module,
-    src: int,
-    group: dist.ProcessGroup,
-    watch: PeerWatch,
-    what: str,
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-) -> None:
-    """Overwrite ``module``'s parameters and buffers with global rank ``src``'s, over ``group``
-    (``what`` names it if a peer is lost).
-
-    Every rank of ``group`` must pass a module of the same structure (same tensors, same order).
-    """
-    _broadcast([*module.parameters(), *module.buffers()], src, group, watch, what, bucket_bytes)
+__all__ = ["broadcast_tensors", "equalise_replicas"]
 
 
 @torch.no_grad()
-def _broadcast(
+def broadcast_tensors(
     tensors: Sequence[torch.Tensor],
     src: int,
     group: dist.ProcessGroup,
@@ -50,6 +34,12 @@ def _broadcast(
     what: str,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> None:
+    """Overwrite ``tensors`` with global rank ``src``'s, over ``group``, one broadcast per bucket
+    (``what`` names it if a peer is lost).
+
+    Every rank of ``group`` must pass tensors of the same shapes in the same order (e.g. a module's
+    parameters and buffers, :func:`_held`).
+    """
     for run in buckets([t for t in tensors if t.numel()], bucket_bytes):
         flat = torch.cat([t.detach().reshape(-1) for t in run])
         collectives.broadcast(flat, src, group, watch, what)
@@ -68,12 +58,17 @@ def equalise_replicas(executor: PipelineExecutor) -> None:
         return
     for module in (executor.parts.encoder, executor.parts.generator):
         if module is not None:
-            broadcast_module(module, 0, groups.replica_group, watch, "the replica broadcast at setup")
+            broadcast_tensors(_held(module), 0, groups.replica_group, watch, "the replica broadcast at setup")
     if groups.dp > 1:
         for stage in executor.stages:
-            broadcast_module(
-                stage, groups.dp_ranks[0], groups.dp_group, watch, "the stage broadcast at setup"
-            )
+            what = "the stage broadcast at setup"
+            broadcast_tensors(_held(stage), groups.dp_ranks[0], groups.dp_group, watch, what)
     if groups.ends_group is not None and executor.parts.tied:
         what = "the tied embedding broadcast at setup"
-        _broadcast(tied_parameters(executor.parts), groups.pipeline_ranks[0], groups.ends_group, watch, what)
+        tied = tied_parameters(executor.parts)
+        broadcast_tensors(tied, groups.pipeline_ranks[0], groups.ends_group, watch, what)
+
+
+def _held(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s parameters and buffers, in a fixed order."""
+    return [*module.parameters(), *module.buffers()]

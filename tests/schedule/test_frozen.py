@@ -35,7 +35,7 @@ def _cases():
             yield schedule, pp, vpp, m
 
 
-def _dropped(frozen: set[str], split: bool) -> set[str]:
+def dropped_kinds(frozen: set[str], split: bool) -> set[str]:
     """The op kinds a step with these frozen modules must not have (the rules of ``step_kinds``, restated)."""
     upstream_trains = not {"encoder", "llm"} <= frozen
     dropped = {EB} if "encoder" in frozen else set()
@@ -56,7 +56,7 @@ def test_every_schedule_drops_the_backward_of_frozen_modules_and_gets_shorter(sc
         plan = build_plan(schedule, pp=pp, vpp=vpp, microbatches=m, frozen=frozen)
         sim = simulate(plan)  # validates again
         kinds = {op.kind for ops in plan.ranks for op in ops}
-        dropped = _dropped(frozen, split)
+        dropped = dropped_kinds(frozen, split)
         assert plan.frozen == frozen and not kinds & dropped, (frozen, kinds)
         assert kinds | dropped == {op.kind for ops in full.plan.ranks for op in ops}, frozen
         assert sim.step_time < full.step_time, (frozen, sim.step_time, full.step_time)

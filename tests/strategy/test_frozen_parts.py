@@ -19,17 +19,11 @@ from lightning_bigmac.runtime.memory import ActivationMeter
 from lightning_bigmac.runtime.plan_fit import check_plan, frozen_parts
 from lightning_bigmac.schedule import Op, ScheduleConfig, build_plan
 from lightning_bigmac.testing.tiny_mllm import TinyConfig, TinyMLLM, make_microbatches
+from tests.schedule.test_frozen import dropped_kinds
 from tests.strategy.test_strategy_training import assert_close_losses, run_tiny
 
 FROZEN = [[], ["encoder"], ["llm"], ["generator"], ["encoder", "llm"]]
 """The frozen parts of run_frozen.PHASES (the third freezes the encoder's blocks, not its projection)."""
-
-
-def _dropped(frozen: set[str]) -> set[str]:
-    """Op kinds a step with these frozen parts leaves out."""
-    dropped = {"EB"} if "encoder" in frozen else set()
-    dropped |= {"B", "I", "W"} if {"encoder", "llm"} <= frozen else {"W"} if "llm" in frozen else set()
-    return dropped | ({"GW"} if "generator" in frozen else set())
 
 
 def test_planner_reads_the_frozen_parts_at_every_step_and_caches_a_plan_per_set():
@@ -101,7 +95,7 @@ def test_training_with_frozen_parts_matches_one_process_and_keeps_no_frozen_enco
     everything = set(got["profiles"][0]["kinds"])
     for profile in got["profiles"]:
         frozen = set(profile["frozen"])
-        assert set(profile["kinds"]) == everything - _dropped(frozen)
+        assert set(profile["kinds"]) == everything - dropped_kinds(frozen, split=schedule == "bigmac_zb")
         for rank, peaks in enumerate(profile["peaks"]):  # measured bytes saved for backward
             assert (peaks["encoder"] == 0) == ("encoder" in frozen), (frozen, rank, peaks)
             assert (peaks["llm"] == 0) == ({"encoder", "llm"} <= frozen), (frozen, rank, peaks)
